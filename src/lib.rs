@@ -1,0 +1,18 @@
+//! tailkitd: a Tailscale node that lets tailnet peers run pre-registered
+//! commands on the machine beside it, each call identified by WhoIs,
+//! authorized by app capabilities and written to an audit log.
+//!
+//! # Layout
+//!
+//! - [`tailnet`]: the tsnet node over our own Go bridge (the only module with
+//!   `unsafe`): listen, dial, WhoIs, and the embedded local tailnet.
+//! - [`exec`]: tool files, the live-reloading registry, the process runner and
+//!   the job store. Knows nothing of HTTP or the tailnet.
+//! - [`api`]: the HTTP routes, transport-agnostic: takes a resolved caller
+//!   identity per request and decides.
+//! - [`audit`]: the append-only JSON-lines audit log.
+#![deny(unsafe_code)]
+
+pub mod audit;
+pub mod exec;
+pub mod tailnet;

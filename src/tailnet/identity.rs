@@ -1,0 +1,215 @@
+//! Who is calling: the WhoIs result for a peer, reduced to what tailkitd
+//! decides on (node, user, tags, app capabilities) and the ownership rule for
+//! jobs. Pure data: no FFI here, so the router can be unit-tested with a
+//! constructed identity.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The identity of a tailnet peer, from WhoIs on its tailnet address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Identity {
+    /// The peer's MagicDNS name without the trailing dot
+    /// (`laptop.tailnet.ts.net`), or its host name when it has no FQDN.
+    pub node_name: String,
+    /// The node's stable id (`tailcfg.StableNodeID`).
+    pub node_id: String,
+    /// The node's tailnet addresses.
+    pub ips: Vec<IpAddr>,
+    /// Login of the owning user; empty for tagged nodes.
+    pub user_login: String,
+    /// ACL tags of the node (`tag:...`); empty for user-owned nodes.
+    pub tags: Vec<String>,
+    /// App capabilities the tailnet policy grants this peer toward us,
+    /// capability name to the list of JSON values attached to it.
+    pub caps: BTreeMap<String, Vec<serde_json::Value>>,
+}
+
+/// Who owns a job: decides who may read or cancel it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
+pub enum Owner {
+    /// A user-owned node: every node of the same user login is the owner.
+    User(String),
+    /// A tagged node (no user): only the same node is the owner.
+    Node(String),
+}
+
+impl Identity {
+    /// Whether the peer holds app capability `cap` toward this node.
+    pub fn has_cap(&self, cap: &str) -> bool {
+        self.caps.contains_key(cap)
+    }
+
+    /// The owner a job started by this caller is recorded under.
+    pub fn owner(&self) -> Owner {
+        if self.user_login.is_empty() {
+            Owner::Node(self.node_id.clone())
+        } else {
+            Owner::User(self.user_login.clone())
+        }
+    }
+
+    /// Whether this caller may see or cancel a job owned by `owner`: the same
+    /// user login for user-owned nodes, the same node for tagged ones.
+    pub fn owns(&self, owner: &Owner) -> bool {
+        *owner == self.owner()
+    }
+
+    /// The first label of the node name (`laptop` for `laptop.tailnet.ts.net`).
+    pub fn short_name(&self) -> &str {
+        self.node_name.split('.').next().unwrap_or("")
+    }
+
+    /// Parses the JSON of Go's `apitype.WhoIsResponse`
+    /// (`{"Node": {...}, "UserProfile": {...}, "CapMap": {...}}`), as
+    /// `tsnet.Server.LocalClient().WhoIs` returns it.
+    ///
+    /// # Errors
+    ///
+    /// When the JSON does not have that shape or names no node.
+    pub fn from_whois_json(json: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct WhoIs {
+            node: Option<Node>,
+            user_profile: Option<UserProfile>,
+            #[serde(default)]
+            cap_map: Option<BTreeMap<String, Option<Vec<serde_json::Value>>>>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Node {
+            #[serde(default, rename = "StableID")]
+            stable_id: String,
+            #[serde(default)]
+            name: String,
+            #[serde(default)]
+            hostinfo: Option<Hostinfo>,
+            #[serde(default)]
+            addresses: Option<Vec<String>>,
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        #[derive(Deserialize)]
+        struct Hostinfo {
+            #[serde(default, rename = "Hostname")]
+            hostname: String,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct UserProfile {
+            #[serde(default)]
+            login_name: String,
+        }
+
+        let raw: WhoIs = serde_json::from_slice(json)?;
+        let node = raw
+            .node
+            .ok_or_else(|| serde::de::Error::custom("WhoIs response has no Node"))?;
+        let tags = node.tags.unwrap_or_default();
+        let mut node_name = node.name.trim_end_matches('.').to_string();
+        if node_name.is_empty() {
+            node_name = node.hostinfo.map(|h| h.hostname).unwrap_or_default();
+        }
+        let ips = node
+            .addresses
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|prefix| prefix.split('/').next()?.parse().ok())
+            .collect();
+        let user_login = if tags.is_empty() {
+            raw.user_profile.map(|u| u.login_name).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let caps = raw
+            .cap_map
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.unwrap_or_default()))
+            .collect();
+        Ok(Identity {
+            node_name,
+            node_id: node.stable_id,
+            ips,
+            user_login,
+            tags,
+            caps,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USER_NODE: &str = r#"{
+        "Node": {"ID": 3, "StableID": "nStable3", "Name": "laptop.tail1234.ts.net.",
+                 "Addresses": ["100.64.0.3/32", "fd7a:115c:a1e0::3/128"],
+                 "Hostinfo": {"Hostname": "laptop"}},
+        "UserProfile": {"ID": 7, "LoginName": "alice@example.com", "DisplayName": "Alice"},
+        "CapMap": {"example.com/cap/x": [{"any": true}], "example.com/cap/y": null}
+    }"#;
+
+    const TAGGED_NODE: &str = r#"{
+        "Node": {"StableID": "nTag", "Name": "ci.tail1234.ts.net.", "Tags": ["tag:ci"],
+                 "Addresses": ["100.64.0.9/32"]},
+        "UserProfile": {"LoginName": "tagged-devices"}
+    }"#;
+
+    #[test]
+    fn parses_a_user_owned_node() {
+        let id = Identity::from_whois_json(USER_NODE.as_bytes()).unwrap();
+        assert_eq!(id.node_name, "laptop.tail1234.ts.net");
+        assert_eq!(id.short_name(), "laptop");
+        assert_eq!(id.node_id, "nStable3");
+        assert_eq!(id.user_login, "alice@example.com");
+        assert_eq!(id.ips.len(), 2);
+        assert_eq!(id.ips[0].to_string(), "100.64.0.3");
+        assert!(id.has_cap("example.com/cap/x"));
+        assert!(id.has_cap("example.com/cap/y"));
+        assert!(!id.has_cap("example.com/cap/z"));
+        assert_eq!(id.owner(), Owner::User("alice@example.com".into()));
+    }
+
+    #[test]
+    fn tagged_nodes_have_no_user_and_own_by_node() {
+        let id = Identity::from_whois_json(TAGGED_NODE.as_bytes()).unwrap();
+        assert_eq!(id.user_login, "");
+        assert_eq!(id.tags, vec!["tag:ci".to_string()]);
+        assert_eq!(id.owner(), Owner::Node("nTag".into()));
+        assert!(id.caps.is_empty());
+    }
+
+    #[test]
+    fn ownership_is_per_user_or_per_tagged_node() {
+        let alice_laptop = Identity::from_whois_json(USER_NODE.as_bytes()).unwrap();
+        let alice_phone = Identity {
+            node_id: "nPhone".into(),
+            ..alice_laptop.clone()
+        };
+        let bob = Identity {
+            user_login: "bob@example.com".into(),
+            ..alice_laptop.clone()
+        };
+        let ci = Identity::from_whois_json(TAGGED_NODE.as_bytes()).unwrap();
+        let other_ci = Identity {
+            node_id: "nTag2".into(),
+            ..ci.clone()
+        };
+        assert!(alice_phone.owns(&alice_laptop.owner()));
+        assert!(!bob.owns(&alice_laptop.owner()));
+        assert!(ci.owns(&ci.owner()));
+        assert!(!other_ci.owns(&ci.owner()));
+        assert!(!ci.owns(&alice_laptop.owner()));
+    }
+
+    #[test]
+    fn a_response_without_node_is_an_error() {
+        assert!(Identity::from_whois_json(br#"{"UserProfile": {}}"#).is_err());
+        assert!(Identity::from_whois_json(b"not json").is_err());
+    }
+}
