@@ -14,5 +14,6 @@
 #![deny(unsafe_code)]
 
 pub mod audit;
+pub mod config;
 pub mod exec;
 pub mod tailnet;

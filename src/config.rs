@@ -1,0 +1,528 @@
+//! Daemon settings: command-line flags, then the environment (`TAILKITD_*`,
+//! `TS_AUTHKEY`, `TS_AUTHKEY_FILE`), then the TOML config file, then the
+//! defaults of SPEC §6, merged once into a validated [`Settings`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use clap::builder::BoolishValueParser;
+use serde::Deserialize;
+
+/// Where the config file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tailkitd/tailkitd.toml";
+/// Default state directory (tsnet state and the audit log).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tailkitd";
+/// Default tools directory.
+pub const DEFAULT_TOOLS_DIR: &str = "/etc/tailkitd/tools";
+/// Default number of jobs running at once.
+pub const DEFAULT_MAX_JOBS: usize = 16;
+/// Default tailnet port the API is served on.
+pub const DEFAULT_PORT: u16 = 80;
+
+/// Flags of `tailkitd run`. Every value is optional here: an absent flag
+/// falls back to its environment variable (clap reads those), then to the
+/// config file, then to the default.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Tailnet host name of this node [default: tailkitd-<os hostname>]
+    #[arg(long, env = "TAILKITD_HOSTNAME")]
+    pub hostname: Option<String>,
+
+    /// Directory for the node's tailnet state and the audit log [default: /var/lib/tailkitd]
+    #[arg(long, env = "TAILKITD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Directory of tool files (*.json, *.toml), watched for changes [default: /etc/tailkitd/tools]
+    #[arg(long, env = "TAILKITD_TOOLS_DIR")]
+    pub tools_dir: Option<PathBuf>,
+
+    /// Control server URL, e.g. a headscale server [default: Tailscale's]
+    #[arg(long, env = "TAILKITD_CONTROL_URL")]
+    pub control_url: Option<String>,
+
+    /// File holding the auth key (env TS_AUTHKEY_FILE; env TS_AUTHKEY holds the key itself) [default: none]
+    #[arg(long)]
+    pub auth_key_file: Option<PathBuf>,
+
+    /// Ephemeral node: removed from the tailnet when it goes offline [default: false]
+    #[arg(long, env = "TAILKITD_EPHEMERAL", value_parser = BoolishValueParser::new(),
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub ephemeral: Option<bool>,
+
+    /// Tailnet port the HTTP API is served on [default: 80]
+    #[arg(long, env = "TAILKITD_PORT")]
+    pub port: Option<u16>,
+
+    /// Audit log file, `-` for stdout [default: <state dir>/audit.jsonl]
+    #[arg(long, env = "TAILKITD_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+
+    /// Refuse commands that declare no acl_cap [default: false]
+    #[arg(long, env = "TAILKITD_REQUIRE_CAP", value_parser = BoolishValueParser::new(),
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub require_cap: Option<bool>,
+
+    /// Jobs allowed to run at once; more get 429 [default: 16]
+    #[arg(long, env = "TAILKITD_MAX_JOBS")]
+    pub max_jobs: Option<usize>,
+
+    /// Log format on stderr: text or json [default: text]
+    #[arg(long, env = "TAILKITD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Let tsnet upload its logs to Tailscale's log service [default: false]
+    #[arg(long, env = "TAILKITD_UPLOAD_LOGS", value_parser = BoolishValueParser::new(),
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub upload_logs: Option<bool>,
+
+    /// TOML config file [default: /etc/tailkitd/tailkitd.toml if present]
+    #[arg(long, env = "TAILKITD_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The TOML config file: the same settings as the flags, minus `config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    hostname: Option<String>,
+    state_dir: Option<PathBuf>,
+    tools_dir: Option<PathBuf>,
+    control_url: Option<String>,
+    auth_key_file: Option<PathBuf>,
+    ephemeral: Option<bool>,
+    port: Option<u16>,
+    audit_log: Option<PathBuf>,
+    require_cap: Option<bool>,
+    max_jobs: Option<usize>,
+    log_format: Option<LogFormat>,
+    upload_logs: Option<bool>,
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for handing to tsnet.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The daemon's validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Tailnet host name (`[a-z0-9-]`, 1 to 63 characters).
+    pub hostname: String,
+    /// tsnet state directory.
+    pub state_dir: PathBuf,
+    /// Tool files directory.
+    pub tools_dir: PathBuf,
+    /// Control server URL; `None` means Tailscale's.
+    pub control_url: Option<String>,
+    /// Auth key, from `TS_AUTHKEY` or a key file.
+    pub auth_key: Option<Secret>,
+    /// Whether the node is ephemeral.
+    pub ephemeral: bool,
+    /// Tailnet port of the API.
+    pub port: u16,
+    /// Audit log path (`-` for stdout).
+    pub audit_log: PathBuf,
+    /// Whether commands without `acl_cap` are refused.
+    pub require_cap: bool,
+    /// Jobs running at once.
+    pub max_jobs: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Whether tsnet may upload logs to Tailscale.
+    pub upload_logs: bool,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// A setting that could not be used; the message names it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown keys or wrong types.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message (names the key).
+        message: String,
+    },
+    /// A setting has an unusable value.
+    #[error("{setting}: {message}")]
+    Invalid {
+        /// The setting's flag name.
+        setting: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Merges flags (which already carry their environment fallbacks),
+    /// `TS_AUTHKEY`/`TS_AUTHKEY_FILE` from `env`, the config file and the
+    /// defaults. `os_hostname` feeds the default host name.
+    ///
+    /// # Errors
+    ///
+    /// When an explicitly named config file is missing, the file is not
+    /// valid, the auth key file cannot be read or is empty, or a value is out
+    /// of range (host name, port 0, max jobs 0).
+    pub fn resolve(
+        args: RunArgs,
+        env: impl Fn(&str) -> Option<String>,
+        os_hostname: &str,
+    ) -> Result<Settings, ConfigError> {
+        let (file, config_file) = read_config(args.config.as_deref())?;
+
+        let hostname = match args.hostname.or(file.hostname) {
+            Some(h) => check_hostname(&h)?,
+            None => default_hostname(os_hostname),
+        };
+        let state_dir = args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let tools_dir = args
+            .tools_dir
+            .or(file.tools_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_TOOLS_DIR));
+        let control_url = args
+            .control_url
+            .or(file.control_url)
+            .filter(|u| !u.is_empty());
+        if let Some(url) = &control_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid {
+                setting: "--control-url",
+                message: format!("{url:?} is not an http:// or https:// URL"),
+            });
+        }
+
+        // Flag, then the key itself in TS_AUTHKEY, then TS_AUTHKEY_FILE,
+        // then the config file.
+        let auth_key = if let Some(path) = args.auth_key_file {
+            Some(read_key_file(&path)?)
+        } else if let Some(key) = env("TS_AUTHKEY").filter(|k| !k.trim().is_empty()) {
+            Some(Secret(key.trim().to_string()))
+        } else if let Some(path) = env("TS_AUTHKEY_FILE").filter(|p| !p.is_empty()) {
+            Some(read_key_file(Path::new(&path))?)
+        } else if let Some(path) = file.auth_key_file {
+            Some(read_key_file(&path)?)
+        } else {
+            None
+        };
+
+        let port = args.port.or(file.port).unwrap_or(DEFAULT_PORT);
+        if port == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "--port",
+                message: "must be between 1 and 65535".into(),
+            });
+        }
+        let max_jobs = args.max_jobs.or(file.max_jobs).unwrap_or(DEFAULT_MAX_JOBS);
+        if max_jobs == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "--max-jobs",
+                message: "must be at least 1".into(),
+            });
+        }
+        let audit_log = args
+            .audit_log
+            .or(file.audit_log)
+            .unwrap_or_else(|| state_dir.join("audit.jsonl"));
+
+        Ok(Settings {
+            hostname,
+            state_dir,
+            tools_dir,
+            control_url,
+            auth_key,
+            ephemeral: args.ephemeral.or(file.ephemeral).unwrap_or(false),
+            port,
+            audit_log,
+            require_cap: args.require_cap.or(file.require_cap).unwrap_or(false),
+            max_jobs,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            upload_logs: args.upload_logs.or(file.upload_logs).unwrap_or(false),
+            config_file,
+        })
+    }
+}
+
+/// Reads the named config file (which must exist), or the default one if
+/// it exists.
+fn read_config(named: Option<&Path>) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
+    let path = match named {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+            if !p.exists() {
+                return Ok((FileConfig::default(), None));
+            }
+            p
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let file = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.clone(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    Ok((file, Some(path)))
+}
+
+fn read_key_file(path: &Path) -> Result<Secret, ConfigError> {
+    let key = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+        setting: "--auth-key-file",
+        message: format!("{}: {e}", path.display()),
+    })?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::Invalid {
+            setting: "--auth-key-file",
+            message: format!("{} is empty", path.display()),
+        });
+    }
+    Ok(Secret(key.to_string()))
+}
+
+/// `tailkitd-<os hostname>`, lower-cased, every character outside
+/// `[a-z0-9-]` turned into `-`, runs of `-` collapsed, at most 63 long.
+pub fn default_hostname(os_hostname: &str) -> String {
+    let mut name = String::from("tailkitd-");
+    for c in os_hostname.chars().flat_map(char::to_lowercase) {
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && name.ends_with('-')) {
+            name.push(c);
+        }
+    }
+    let mut name: String = name.chars().take(63).collect();
+    while name.ends_with('-') {
+        name.pop();
+    }
+    name
+}
+
+/// Accepts a DNS label: 1 to 63 of `[a-z0-9-]` (upper case is folded), not
+/// starting or ending with `-`.
+fn check_hostname(name: &str) -> Result<String, ConfigError> {
+    let lower = name.to_ascii_lowercase();
+    let ok = !lower.is_empty()
+        && lower.len() <= 63
+        && lower
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !lower.starts_with('-')
+        && !lower.ends_with('-');
+    if ok {
+        Ok(lower)
+    } else {
+        Err(ConfigError::Invalid {
+            setting: "--hostname",
+            message: format!(
+                "{name:?} is not a valid host name (1-63 of a-z, 0-9 and '-', not starting or ending with '-')"
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn config_file(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("tailkitd.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = RunArgs {
+            config: Some(config_file(dir.path(), "")),
+            ..RunArgs::default()
+        };
+        let s = Settings::resolve(args, no_env, "Build-Box_01.local").unwrap();
+        assert_eq!(s.hostname, "tailkitd-build-box-01-local");
+        assert_eq!(s.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(s.tools_dir, Path::new(DEFAULT_TOOLS_DIR));
+        assert_eq!(s.audit_log, Path::new("/var/lib/tailkitd/audit.jsonl"));
+        assert_eq!(s.port, 80);
+        assert_eq!(s.max_jobs, 16);
+        assert!(!s.ephemeral && !s.require_cap && !s.upload_logs);
+        assert_eq!(s.control_url, None);
+        assert!(s.auth_key.is_none());
+        assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flags_beat_the_config_file_which_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config_file(
+            dir.path(),
+            "hostname = \"from-file\"\nport = 8080\nmax_jobs = 4\nrequire_cap = true\nstate_dir = \"/srv/tk\"\n",
+        );
+        let cli = Cli::try_parse_from([
+            "t",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--port",
+            "9000",
+            "--require-cap=false",
+            "--ephemeral",
+        ])
+        .unwrap();
+        let s = Settings::resolve(cli.run, no_env, "h").unwrap();
+        assert_eq!(s.hostname, "from-file");
+        assert_eq!(s.port, 9000);
+        assert_eq!(s.max_jobs, 4);
+        assert!(!s.require_cap);
+        assert!(s.ephemeral);
+        assert_eq!(s.audit_log, Path::new("/srv/tk/audit.jsonl"));
+        assert_eq!(s.config_file.as_deref(), Some(cfg.as_path()));
+    }
+
+    #[test]
+    fn auth_key_sources_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file_key = dir.path().join("key");
+        std::fs::write(&file_key, "tskey-from-file\n").unwrap();
+        let cfg = config_file(dir.path(), "");
+        let base = RunArgs {
+            config: Some(cfg),
+            ..RunArgs::default()
+        };
+        let fk = file_key.to_str().unwrap().to_string();
+
+        let env_both = |k: &str| match k {
+            "TS_AUTHKEY" => Some("tskey-env".to_string()),
+            "TS_AUTHKEY_FILE" => Some(fk.clone()),
+            _ => None,
+        };
+        let s = Settings::resolve(base.clone(), env_both, "h").unwrap();
+        assert_eq!(s.auth_key.unwrap().expose(), "tskey-env");
+
+        let env_file = |k: &str| (k == "TS_AUTHKEY_FILE").then(|| fk.clone());
+        let s = Settings::resolve(base.clone(), env_file, "h").unwrap();
+        assert_eq!(s.auth_key.as_ref().unwrap().expose(), "tskey-from-file");
+        assert!(!format!("{s:?}").contains("tskey"), "Debug leaks the key");
+
+        let with_flag = RunArgs {
+            auth_key_file: Some(dir.path().join("missing")),
+            ..base
+        };
+        let err = Settings::resolve(with_flag, env_both, "h").unwrap_err();
+        assert!(err.to_string().contains("--auth-key-file"), "{err}");
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config_file(dir.path(), "");
+        let bad_host = RunArgs {
+            config: Some(cfg.clone()),
+            hostname: Some("no_underscores".into()),
+            ..RunArgs::default()
+        };
+        let err = Settings::resolve(bad_host, no_env, "h").unwrap_err();
+        assert!(err.to_string().starts_with("--hostname:"), "{err}");
+
+        let zero_jobs = RunArgs {
+            config: Some(cfg),
+            max_jobs: Some(0),
+            ..RunArgs::default()
+        };
+        let err = Settings::resolve(zero_jobs, no_env, "h").unwrap_err();
+        assert!(err.to_string().starts_with("--max-jobs:"), "{err}");
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config_file(dir.path(), "hostnme = \"typo\"\n");
+        let args = RunArgs {
+            config: Some(cfg.clone()),
+            ..RunArgs::default()
+        };
+        let err = Settings::resolve(args, no_env, "h")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(cfg.to_str().unwrap()), "{err}");
+        assert!(err.contains("hostnme"), "{err}");
+
+        let missing = RunArgs {
+            config: Some(dir.path().join("nope.toml")),
+            ..RunArgs::default()
+        };
+        let err = Settings::resolve(missing, no_env, "h")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+
+    #[test]
+    fn enum_and_bool_flags_parse() {
+        let cli = Cli::try_parse_from(["t", "--log-format", "json", "--upload-logs"]).unwrap();
+        assert_eq!(cli.run.log_format, Some(LogFormat::Json));
+        assert_eq!(cli.run.upload_logs, Some(true));
+        assert!(Cli::try_parse_from(["t", "--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn default_hostname_is_a_dns_label() {
+        assert_eq!(default_hostname("web01"), "tailkitd-web01");
+        assert_eq!(default_hostname("ÜBER--box!"), "tailkitd-ber-box");
+        let long = default_hostname(&"a".repeat(100));
+        assert_eq!(long.len(), 63);
+        assert_eq!(default_hostname("---"), "tailkitd");
+    }
+}
