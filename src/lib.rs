@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod exec;
 pub mod tailnet;
