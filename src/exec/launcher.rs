@@ -13,21 +13,24 @@
 //! 2. asks for `SIGTERM` when its parent thread dies (`PR_SET_PDEATHSIG`)
 //!    and exits at once if the daemon is already gone;
 //! 3. starts the program with exactly the argv the tool file gave (argv\[0\]
-//!    included; std resets the signal mask in the child), in its own group;
+//!    included) in the same group, through `posix_spawn` with an empty
+//!    signal mask, default signal dispositions, and every descriptor but
+//!    0, 1 and 2 closed;
 //! 4. waits: when the program exits it exits the same way (same code, or
 //!    re-raises the same signal), so the daemon sees the command's status;
 //!    when the parent-death signal comes (its parent pid changed) it
 //!    SIGKILLs its whole process group: the command and every descendant
 //!    that stayed in the group.
 
-use std::ffi::OsString;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::ExitStatus;
+use std::ffi::{CString, OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 
+use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
 use nix::sys::prctl;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{SigSet, Signal, killpg, raise};
-use nix::unistd::{getpgrp, getppid};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Pid, getpgrp, getppid};
 
 /// The hidden subcommand that runs the launcher.
 pub const LAUNCH_SUBCOMMAND: &str = "__launch";
@@ -90,12 +93,8 @@ fn launch(args: Vec<OsString>) -> i32 {
     if getppid().as_raw() != daemon_pid {
         return LAUNCH_FAILED;
     }
-    let mut child = match std::process::Command::new(program)
-        .arg0(argv0)
-        .args(rest)
-        .spawn()
-    {
-        Ok(child) => child,
+    let child = match spawn_program(program, argv0, rest, &signals) {
+        Ok(pid) => pid,
         Err(e) => {
             eprintln!(
                 "tailkitd: could not start {}: {e}",
@@ -107,9 +106,10 @@ fn launch(args: Vec<OsString>) -> i32 {
     loop {
         let Ok(signal) = signals.wait() else { continue };
         match signal {
-            Signal::SIGCHLD => match child.try_wait() {
-                Ok(Some(status)) => return exit_like(status),
-                Ok(None) => {}
+            Signal::SIGCHLD => match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => return code,
+                Ok(WaitStatus::Signaled(_, signal, _)) => return exit_by(signal),
+                Ok(_) => {}
                 Err(_) => return LAUNCH_FAILED,
             },
             Signal::SIGTERM if getppid().as_raw() != daemon_pid => {
@@ -122,20 +122,67 @@ fn launch(args: Vec<OsString>) -> i32 {
     }
 }
 
-/// Ends the launcher the way the program ended: the same exit code, or the
-/// same signal (without a core dump of the launcher).
-fn exit_like(status: ExitStatus) -> i32 {
-    if let Some(code) = status.code() {
-        return code;
+/// Starts the program with `posix_spawn`: in this process group, with this
+/// environment, with an empty signal mask and default dispositions for the
+/// signals the launcher blocks or ignores (std's `Command` would pass the
+/// launcher's blocked mask on).
+fn spawn_program(
+    program: &OsStr,
+    argv0: &OsStr,
+    rest: &[OsString],
+    blocked: &SigSet,
+) -> Result<Pid, String> {
+    let c =
+        |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| "an argument contains NUL".to_string());
+    let path = c(program)?;
+    let argv = std::iter::once(argv0)
+        .chain(rest.iter().map(OsString::as_os_str))
+        .map(c)
+        .collect::<Result<Vec<_>, _>>()?;
+    let envp = std::env::vars_os()
+        .map(|(k, v)| {
+            let mut kv = k;
+            kv.push("=");
+            kv.push(v);
+            c(&kv)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut attr = PosixSpawnAttr::init().map_err(|e| e.to_string())?;
+    attr.set_sigmask(&SigSet::empty())
+        .map_err(|e| e.to_string())?;
+    let mut defaults = *blocked;
+    defaults.add(Signal::SIGPIPE);
+    attr.set_sigdefault(&defaults).map_err(|e| e.to_string())?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )
+    .map_err(|e| e.to_string())?;
+    // Only stdin, stdout and stderr reach the command, even if whoever
+    // started the daemon leaked a descriptor without close-on-exec.
+    let mut actions = PosixSpawnFileActions::init().map_err(|e| e.to_string())?;
+    for fd in open_fds().into_iter().filter(|fd| *fd > 2) {
+        actions.add_close(fd).map_err(|e| e.to_string())?;
     }
-    let Some(signo) = status.signal() else {
-        return LAUNCH_FAILED;
-    };
-    if let Ok(signal) = Signal::try_from(signo) {
-        let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
-        let _ = SigSet::from(signal).thread_unblock();
-        let _ = raise(signal);
-    }
+    posix_spawn(path.as_c_str(), &actions, &attr, &argv, &envp).map_err(|e| e.desc().to_string())
+}
+
+/// The descriptors open in this process (the one used to list them is
+/// closed again by then; closing it in the child is harmless).
+fn open_fds() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Ends the launcher by the signal that ended the program (without a core
+/// dump of the launcher), so the daemon sees the same status.
+fn exit_by(signal: Signal) -> i32 {
+    let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
+    let _ = SigSet::from(signal).thread_unblock();
+    let _ = raise(signal);
     // Still alive: the signal is ignored here (SIGPIPE under Rust's runtime).
-    128 + signo
+    128 + signal as i32
 }

@@ -201,8 +201,19 @@ pub fn prepare(
             element
         })
         .collect();
-    let audit_args = args
-        .iter()
+    Ok(Prepared {
+        argv,
+        audit_args: redact_args(command, args),
+    })
+}
+
+/// The arguments as the audit log may show them: as given, with the values
+/// of `sensitive` arguments replaced by [`REDACTED`].
+pub fn redact_args(
+    command: &Command,
+    args: &serde_json::Map<String, Value>,
+) -> BTreeMap<String, Value> {
+    args.iter()
         .map(|(name, value)| {
             let sensitive = command.arg(name).is_some_and(|a| a.sensitive);
             let shown = if sensitive {
@@ -212,8 +223,7 @@ pub fn prepare(
             };
             (name.clone(), shown)
         })
-        .collect();
-    Ok(Prepared { argv, audit_args })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
