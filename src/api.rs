@@ -227,7 +227,7 @@ impl Api {
         };
         let Some(host) = host else { return false };
         let name = normalize_host(host_without_port(host));
-        self.inner.hosts.iter().any(|h| *h == name)
+        self.inner.hosts.contains(&name)
     }
 }
 
