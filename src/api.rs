@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -508,7 +508,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
 async fn exec_command(
     State(api): State<Api>,
     Extension(caller): Extension<Caller>,
-    Path((tool, cmd)): Path<(String, String)>,
+    Segments(tool, cmd): Segments,
     request: Request,
 ) -> Result<Response, ApiError> {
     let target = (tool.as_str(), cmd.as_str());
@@ -624,6 +624,24 @@ async fn exec_command(
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }
 
+/// The two path segments of `/exec/{a}/{b}`, percent-decoded; segments
+/// that do not decode are a JSON `404` like any unknown path.
+struct Segments(String, String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Segments {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map(|Path((a, b))| Segments(a, b))
+            .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not found"))
+    }
+}
+
 fn job_id(prefix: &str, id: &str) -> Result<Uuid, ApiError> {
     if prefix != "jobs" {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not found"));
@@ -635,7 +653,7 @@ fn job_id(prefix: &str, id: &str) -> Result<Uuid, ApiError> {
 async fn get_job(
     State(api): State<Api>,
     Extension(caller): Extension<Caller>,
-    Path((prefix, id)): Path<(String, String)>,
+    Segments(prefix, id): Segments,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let id = job_id(&prefix, &id)?;
@@ -654,7 +672,7 @@ async fn get_job(
 async fn delete_job(
     State(api): State<Api>,
     Extension(caller): Extension<Caller>,
-    Path((prefix, id)): Path<(String, String)>,
+    Segments(prefix, id): Segments,
 ) -> Result<Response, ApiError> {
     let id = job_id(&prefix, &id)?;
     let executor = &api.inner.executor;

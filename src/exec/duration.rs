@@ -33,6 +33,15 @@ const MAX_NANOS: u128 = i64::MAX as u128;
 /// [`DurationError::Syntax`] for anything Go would refuse,
 /// [`DurationError::Negative`] for a negative non-zero value and
 /// [`DurationError::Overflow`] beyond Go's `time.Duration` range.
+///
+/// ```
+/// use std::time::Duration;
+/// use tailkitd::exec::duration::parse_go_duration;
+///
+/// assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
+/// assert_eq!(parse_go_duration("300ms"), Ok(Duration::from_millis(300)));
+/// assert!(parse_go_duration("30").is_err(), "a unit is required");
+/// ```
 pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
     let syntax = || DurationError::Syntax(input.to_string());
     let mut s = input;

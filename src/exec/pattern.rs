@@ -8,6 +8,15 @@ use regex::bytes::{Regex, RegexBuilder};
 
 /// A compiled argument pattern. Matches whole values only, with Go's ASCII
 /// Perl classes, whatever anchors or flags the source carries itself.
+///
+/// ```
+/// use tailkitd::exec::pattern::ArgPattern;
+///
+/// let digits = ArgPattern::new(r"\d+").unwrap();
+/// assert!(digits.is_match("123"));
+/// assert!(!digits.is_match("١٢٣"), "Arabic-Indic digits are not \\d in Go");
+/// assert!(!digits.is_match("12a"), "the whole value must match");
+/// ```
 #[derive(Clone)]
 pub struct ArgPattern {
     source: String,
