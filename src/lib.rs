@@ -13,6 +13,7 @@
 //! - [`audit`]: the append-only JSON-lines audit log.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;

@@ -1,2 +1,100 @@
 //! Tool files, registry, runner and job store: everything that runs commands,
 //! independent of HTTP and of the tailnet.
+//!
+//! - [`tool`]: tool files (JSON as the Go SDK writes it, or TOML) and their
+//!   validation; [`tool::validate_path`] backs `tailkitd validate`.
+//! - [`registry`]: the live, atomically swapped index of a tools directory.
+//! - [`runner`]: argument validation, argv substitution, running a process.
+//! - [`launcher`]: the `tailkitd __launch` supervisor between daemon and
+//!   command.
+//! - [`jobs`]: the job store.
+//! - [`executor`]: admits, audits, runs and finishes jobs.
+//! - [`duration`], [`pattern`]: Go's duration syntax and regex semantics.
+
+pub mod duration;
+pub mod executor;
+pub mod jobs;
+pub mod launcher;
+pub mod pattern;
+pub mod registry;
+pub mod runner;
+pub mod tool;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use executor::{Executor, JobCaller, StartError};
+pub use jobs::{JobResult, JobStatus, JobStore};
+pub use registry::{ExecEntry, Registry, WatchGuard};
+pub use runner::{CancelReason, Runner, RunnerSettings};
+pub use tool::{Problem, Tool, ToolLimits, validate_path};
+
+/// Every limit of the exec side, with SPEC defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSettings {
+    /// Timeout of a command that declares none (60 s).
+    pub default_timeout: Duration,
+    /// Largest timeout a tool file may declare (1 h).
+    pub max_timeout: Duration,
+    /// Output kept per stream and job (1 MiB).
+    pub max_output_bytes: usize,
+    /// Time between SIGTERM and SIGKILL (5 s).
+    pub kill_grace: Duration,
+    /// Output drained after the main process exits (1 s).
+    pub drain_after_exit: Duration,
+    /// Jobs accepted or running at once (16).
+    pub max_jobs: usize,
+    /// How long finished results are kept (5 min).
+    pub job_ttl: Duration,
+    /// Finished results kept at most (10 000).
+    pub max_retained: usize,
+    /// Largest request body (64 KiB).
+    pub max_body_bytes: usize,
+    /// Largest argument value (4 KiB).
+    pub max_value_bytes: usize,
+    /// Largest `?wait=` (60 s).
+    pub max_wait: Duration,
+    /// The `tailkitd` executable started as the launcher. The default,
+    /// `/proc/self/exe`, is the running daemon's own binary even after a
+    /// package upgrade replaced the file; tests point it at the built
+    /// `tailkitd`.
+    pub launcher: PathBuf,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        ExecSettings {
+            default_timeout: Duration::from_secs(60),
+            max_timeout: Duration::from_secs(3600),
+            max_output_bytes: 1 << 20,
+            kill_grace: Duration::from_secs(5),
+            drain_after_exit: Duration::from_secs(1),
+            max_jobs: 16,
+            job_ttl: Duration::from_secs(300),
+            max_retained: 10_000,
+            max_body_bytes: 64 << 10,
+            max_value_bytes: 4 << 10,
+            max_wait: Duration::from_secs(60),
+            launcher: PathBuf::from("/proc/self/exe"),
+        }
+    }
+}
+
+impl ExecSettings {
+    /// The limits tool files are loaded with.
+    pub fn tool_limits(&self) -> ToolLimits {
+        ToolLimits {
+            max_timeout: self.max_timeout,
+            max_value_bytes: self.max_value_bytes,
+        }
+    }
+
+    /// The runner's part of the settings.
+    pub fn runner_settings(&self) -> RunnerSettings {
+        RunnerSettings {
+            launcher: self.launcher.clone(),
+            kill_grace: self.kill_grace,
+            drain_after_exit: self.drain_after_exit,
+        }
+    }
+}

@@ -1,0 +1,633 @@
+//! The job store: every job from acceptance until its result expires.
+//! States `accepted` → `running` → `completed` / `failed` / `cancelled`,
+//! the owner who may see it, waiters for `?wait=`, cancellation, at most N
+//! jobs running, finished results kept for a TTL counted from completion and
+//! at most M of them (oldest evicted first).
+//!
+//! The shape is mini-redis's `db.rs`: shared state behind a std `Mutex`
+//! (never held across an `.await`), expirations purged by one background
+//! task woken through `Notify` and stopped when the [`JobStore`] is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::runner::CancelReason;
+use crate::tailnet::Owner;
+
+/// A job's lifecycle state, as the Go SDK names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Accepted, process not started yet.
+    Accepted,
+    /// The process is running.
+    Running,
+    /// Exited with status 0.
+    Completed,
+    /// Non-zero exit, killed by a signal, or could not start.
+    Failed,
+    /// Stopped by timeout, its owner, or shutdown.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Whether the job has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+
+    /// The wire name (`"completed"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Accepted => "accepted",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A job as the API returns it: Go's `tailkit.JobResult` plus additive
+/// fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// Random job id (UUID v4).
+    pub job_id: String,
+    /// Current state.
+    pub status: JobStatus,
+    /// Exit code; -1 when it did not exit normally; 0 while not terminal.
+    pub exit_code: i32,
+    /// Captured stdout (lossy UTF-8), at most the cap.
+    pub stdout: String,
+    /// Captured stderr (lossy UTF-8), at most the cap.
+    pub stderr: String,
+    /// Run time so far, or in total once terminal.
+    pub duration_ms: u64,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Tool name.
+    pub tool: String,
+    /// Command name.
+    pub command: String,
+    /// Whether stdout was cut at the cap.
+    pub stdout_truncated: bool,
+    /// Whether stderr was cut at the cap.
+    pub stderr_truncated: bool,
+    /// RFC 3339 time the process started (`null` before).
+    pub started_at: Option<String>,
+    /// RFC 3339 time the job ended (`null` before).
+    pub finished_at: Option<String>,
+    /// The signal that killed the command (`"SIGKILL"`), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Store limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Jobs that may be accepted or running at once.
+    pub max_running: usize,
+    /// How long a finished result is kept, from when it finished.
+    pub ttl: Duration,
+    /// How many finished results are kept at most.
+    pub max_retained: usize,
+}
+
+/// Why a job was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum AdmitError {
+    /// Every job slot is busy (HTTP 429).
+    #[error("all {0} job slots are busy")]
+    Busy(usize),
+    /// The daemon is shutting down (HTTP 503).
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+/// What the executor gets for an admitted job.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The new job's id.
+    pub id: Uuid,
+    /// Becomes `Some` when the job is to be cancelled.
+    pub cancel: watch::Receiver<Option<CancelReason>>,
+}
+
+/// The job store. Dropping it stops its purge task.
+#[derive(Debug)]
+pub struct JobStore {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the purge task when the earliest expiration changes or on drop.
+    background: Notify,
+    limits: JobLimits,
+    /// Number of non-terminal jobs, for [`JobStore::wait_idle`].
+    active: watch::Sender<usize>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    jobs: HashMap<Uuid, Job>,
+    /// Finished jobs in finish order with their expiry; since the TTL is the
+    /// same for all, this is also expiry order.
+    finished: VecDeque<(Instant, Uuid)>,
+    /// Jobs accepted or running.
+    active: usize,
+    shutting_down: bool,
+    /// The store was dropped: the purge task ends.
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Job {
+    owner: Owner,
+    tool: String,
+    command: String,
+    status: JobStatus,
+    /// Set when the process started.
+    started: Option<(Instant, SystemTime)>,
+    /// Set once terminal.
+    result: Option<Arc<JobResult>>,
+    updates: watch::Sender<JobStatus>,
+    cancel: watch::Sender<Option<CancelReason>>,
+}
+
+impl Job {
+    fn view(&self, id: Uuid) -> JobResult {
+        if let Some(result) = &self.result {
+            return (**result).clone();
+        }
+        JobResult {
+            job_id: id.to_string(),
+            status: self.status,
+            exit_code: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+            duration_ms: self
+                .started
+                .map_or(0, |(at, _)| at.elapsed().as_millis() as u64),
+            error: None,
+            tool: self.tool.clone(),
+            command: self.command.clone(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            started_at: self.started.map(|(_, t)| rfc3339(t)),
+            finished_at: None,
+            signal: None,
+        }
+    }
+}
+
+impl JobStore {
+    /// A store with `limits`; starts its purge task on the current tokio
+    /// runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn new(limits: JobLimits) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            background: Notify::new(),
+            limits,
+            active: watch::Sender::new(0),
+        });
+        tokio::spawn(purge_expired_jobs(shared.clone()));
+        JobStore { shared }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> JobLimits {
+        self.shared.limits
+    }
+
+    /// Creates a job in state `accepted` owned by `owner`, taking a slot.
+    ///
+    /// # Errors
+    ///
+    /// [`AdmitError::Busy`] when all slots are taken (checked first, as
+    /// SPEC §3 orders 429 before 503), [`AdmitError::ShuttingDown`] after
+    /// [`JobStore::begin_shutdown`].
+    pub fn admit(&self, owner: Owner, tool: &str, command: &str) -> Result<Admitted, AdmitError> {
+        let mut state = self.shared.lock();
+        if state.active >= self.shared.limits.max_running {
+            return Err(AdmitError::Busy(self.shared.limits.max_running));
+        }
+        if state.shutting_down {
+            return Err(AdmitError::ShuttingDown);
+        }
+        let id = Uuid::new_v4();
+        let (cancel, cancel_rx) = watch::channel(None);
+        state.jobs.insert(
+            id,
+            Job {
+                owner,
+                tool: tool.to_string(),
+                command: command.to_string(),
+                status: JobStatus::Accepted,
+                started: None,
+                result: None,
+                updates: watch::Sender::new(JobStatus::Accepted),
+                cancel,
+            },
+        );
+        state.active += 1;
+        self.shared.active.send_replace(state.active);
+        Ok(Admitted {
+            id,
+            cancel: cancel_rx,
+        })
+    }
+
+    /// Forgets an admitted job that will never run (its acceptance could not
+    /// be recorded), freeing its slot.
+    pub fn abandon(&self, id: Uuid) {
+        let mut state = self.shared.lock();
+        if state
+            .jobs
+            .remove(&id)
+            .is_some_and(|job| !job.status.is_terminal())
+        {
+            state.active -= 1;
+            self.shared.active.send_replace(state.active);
+        }
+    }
+
+    /// Marks the job `running`, its process started at `at`.
+    pub fn set_running(&self, id: Uuid, at: SystemTime) {
+        let mut state = self.shared.lock();
+        if let Some(job) = state.jobs.get_mut(&id).filter(|j| !j.status.is_terminal()) {
+            job.status = JobStatus::Running;
+            job.started = Some((Instant::now(), at));
+            job.updates.send_replace(JobStatus::Running);
+        }
+    }
+
+    /// Stores the terminal `result`, frees the job's slot, wakes its waiters
+    /// and starts its TTL; evicts the oldest finished results past the cap.
+    pub fn finish(&self, id: Uuid, result: JobResult) {
+        let status = result.status;
+        debug_assert!(status.is_terminal());
+        let mut state = self.shared.lock();
+        let Some(job) = state.jobs.get_mut(&id) else {
+            return;
+        };
+        if job.status.is_terminal() {
+            return;
+        }
+        job.status = status;
+        job.result = Some(Arc::new(result));
+        job.updates.send_replace(status);
+        state.active -= 1;
+        self.shared.active.send_replace(state.active);
+        let expires = Instant::now() + self.shared.limits.ttl;
+        let was_empty = state.finished.is_empty();
+        state.finished.push_back((expires, id));
+        while state.finished.len() > self.shared.limits.max_retained {
+            if let Some((_, old)) = state.finished.pop_front() {
+                state.jobs.remove(&old);
+            }
+        }
+        drop(state);
+        if was_empty {
+            // The purge task sleeps forever while nothing is finished.
+            self.shared.background.notify_one();
+        }
+    }
+
+    /// The job `id` if `caller` owns it.
+    pub fn get(&self, id: Uuid, caller: &crate::tailnet::Identity) -> Option<JobResult> {
+        let state = self.shared.lock();
+        let job = state.jobs.get(&id).filter(|j| caller.owns(&j.owner))?;
+        Some(job.view(id))
+    }
+
+    /// Waits up to `wait` for the job to be terminal and returns it as it is
+    /// then; `None` if it does not exist or `caller` does not own it.
+    pub async fn wait(
+        &self,
+        id: Uuid,
+        caller: &crate::tailnet::Identity,
+        wait: Duration,
+    ) -> Option<JobResult> {
+        let mut updates = {
+            let state = self.shared.lock();
+            let job = state.jobs.get(&id).filter(|j| caller.owns(&j.owner))?;
+            job.updates.subscribe()
+        };
+        let _ = tokio::time::timeout(wait, updates.wait_for(|s| s.is_terminal())).await;
+        self.get(id, caller)
+    }
+
+    /// Asks the job to stop with `reason`, if `caller` owns it. Returns
+    /// whether the job exists for the caller (terminal jobs are left as
+    /// they are).
+    pub fn cancel(
+        &self,
+        id: Uuid,
+        caller: &crate::tailnet::Identity,
+        reason: CancelReason,
+    ) -> bool {
+        let state = self.shared.lock();
+        let Some(job) = state.jobs.get(&id).filter(|j| caller.owns(&j.owner)) else {
+            return false;
+        };
+        if !job.status.is_terminal() {
+            job.cancel.send_if_modified(|r| {
+                let first = r.is_none();
+                if first {
+                    *r = Some(reason);
+                }
+                first
+            });
+        }
+        true
+    }
+
+    /// Refuses new jobs from now on ([`AdmitError::ShuttingDown`]).
+    pub fn begin_shutdown(&self) {
+        self.shared.lock().shutting_down = true;
+    }
+
+    /// Whether [`JobStore::begin_shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.lock().shutting_down
+    }
+
+    /// Cancels every job that is not terminal with `reason`.
+    pub fn cancel_all(&self, reason: CancelReason) {
+        let state = self.shared.lock();
+        for job in state.jobs.values().filter(|j| !j.status.is_terminal()) {
+            job.cancel.send_if_modified(|r| {
+                let first = r.is_none();
+                if first {
+                    *r = Some(reason.clone());
+                }
+                first
+            });
+        }
+    }
+
+    /// Jobs accepted or running.
+    pub fn active(&self) -> usize {
+        self.shared.lock().active
+    }
+
+    /// Jobs held, finished or not.
+    pub fn len(&self) -> usize {
+        self.shared.lock().jobs.len()
+    }
+
+    /// Whether the store holds no job.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves when no job is accepted or running.
+    pub async fn wait_idle(&self) {
+        let mut active = self.shared.active.subscribe();
+        let _ = active.wait_for(|n| *n == 0).await;
+    }
+}
+
+impl Drop for JobStore {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.background.notify_one();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent before any
+        // call that could panic, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes expired results; returns the next expiry, if any.
+    fn purge(&self) -> Option<Instant> {
+        let mut state = self.lock();
+        if state.closed {
+            return None;
+        }
+        let now = Instant::now();
+        while let Some(&(when, id)) = state.finished.front() {
+            if when > now {
+                return Some(when);
+            }
+            state.finished.pop_front();
+            state.jobs.remove(&id);
+        }
+        None
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+async fn purge_expired_jobs(shared: Arc<Shared>) {
+    while !shared.is_closed() {
+        if let Some(when) = shared.purge() {
+            tokio::select! {
+                () = tokio::time::sleep_until(when) => {}
+                () = shared.background.notified() => {}
+            }
+        } else {
+            shared.background.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tailnet::Identity;
+
+    fn limits() -> JobLimits {
+        JobLimits {
+            max_running: 2,
+            ttl: Duration::from_secs(300),
+            max_retained: 3,
+        }
+    }
+
+    fn alice() -> Identity {
+        Identity {
+            node_id: "n1".into(),
+            user_login: "alice@example.com".into(),
+            ..Identity::default()
+        }
+    }
+
+    fn bob() -> Identity {
+        Identity {
+            node_id: "n2".into(),
+            user_login: "bob@example.com".into(),
+            ..Identity::default()
+        }
+    }
+
+    fn done(id: Uuid, status: JobStatus) -> JobResult {
+        JobResult {
+            job_id: id.to_string(),
+            status,
+            exit_code: 0,
+            stdout: "out".into(),
+            stderr: String::new(),
+            duration_ms: 1,
+            error: None,
+            tool: "t".into(),
+            command: "c".into(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            started_at: None,
+            finished_at: None,
+            signal: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_and_slots() {
+        let store = JobStore::new(limits());
+        let a = store.admit(alice().owner(), "t", "c").unwrap();
+        let b = store.admit(alice().owner(), "t", "c").unwrap();
+        assert_eq!(
+            store.admit(alice().owner(), "t", "c").unwrap_err(),
+            AdmitError::Busy(2)
+        );
+        assert_eq!(
+            store.get(a.id, &alice()).unwrap().status,
+            JobStatus::Accepted
+        );
+        store.set_running(a.id, SystemTime::now());
+        let running = store.get(a.id, &alice()).unwrap();
+        assert_eq!(running.status, JobStatus::Running);
+        assert!(running.started_at.is_some() && running.finished_at.is_none());
+        store.finish(a.id, done(a.id, JobStatus::Completed));
+        assert_eq!(store.get(a.id, &alice()).unwrap().stdout, "out");
+        assert_eq!(store.active(), 1);
+        store.admit(alice().owner(), "t", "c").unwrap();
+        store.abandon(b.id);
+        assert!(store.get(b.id, &alice()).is_none());
+        assert_eq!(store.active(), 1);
+    }
+
+    #[tokio::test]
+    async fn jobs_are_visible_to_their_owner_only() {
+        let store = JobStore::new(limits());
+        let a = store.admit(alice().owner(), "t", "c").unwrap();
+        assert!(store.get(a.id, &bob()).is_none());
+        assert!(!store.cancel(a.id, &bob(), CancelReason::Caller));
+        assert!(a.cancel.borrow().is_none(), "bob cannot cancel alice's job");
+        let alice_phone = Identity {
+            node_id: "n9".into(),
+            ..alice()
+        };
+        assert!(
+            store.get(a.id, &alice_phone).is_some(),
+            "same user, other node"
+        );
+        assert!(store.cancel(a.id, &alice(), CancelReason::Caller));
+        assert_eq!(*a.cancel.borrow(), Some(CancelReason::Caller));
+        assert!(
+            store
+                .wait(a.id, &bob(), Duration::from_secs(1))
+                .await
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_refuses_new_jobs_after_the_busy_check() {
+        let store = JobStore::new(JobLimits {
+            max_running: 1,
+            ..limits()
+        });
+        store.admit(alice().owner(), "t", "c").unwrap();
+        store.begin_shutdown();
+        assert_eq!(
+            store.admit(alice().owner(), "t", "c").unwrap_err(),
+            AdmitError::Busy(1)
+        );
+        store.cancel_all(CancelReason::Shutdown);
+        let store = JobStore::new(limits());
+        store.begin_shutdown();
+        assert_eq!(
+            store.admit(alice().owner(), "t", "c").unwrap_err(),
+            AdmitError::ShuttingDown
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn results_expire_a_ttl_after_they_finished() {
+        let store = JobStore::new(limits());
+        let a = store.admit(alice().owner(), "t", "c").unwrap();
+        // Running for longer than the TTL does not count against it.
+        tokio::time::sleep(Duration::from_secs(400)).await;
+        assert!(store.get(a.id, &alice()).is_some());
+        store.finish(a.id, done(a.id, JobStatus::Failed));
+        tokio::time::sleep(Duration::from_secs(299)).await;
+        assert!(store.get(a.id, &alice()).is_some());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(store.get(a.id, &alice()).is_none(), "expired");
+        assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_oldest_results_are_evicted_past_the_cap() {
+        let store = JobStore::new(limits());
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let j = store.admit(alice().owner(), "t", "c").unwrap();
+            store.finish(j.id, done(j.id, JobStatus::Completed));
+            ids.push(j.id);
+        }
+        let kept: Vec<bool> = ids
+            .iter()
+            .map(|id| store.get(*id, &alice()).is_some())
+            .collect();
+        assert_eq!(kept, [false, false, true, true, true]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wake_on_completion_or_time_out() {
+        let store = Arc::new(JobStore::new(limits()));
+        let a = store.admit(alice().owner(), "t", "c").unwrap();
+        let timed_out = store
+            .wait(a.id, &alice(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(timed_out.status, JobStatus::Accepted);
+        let waiter = {
+            let store = store.clone();
+            tokio::spawn(async move { store.wait(a.id, &alice(), Duration::from_secs(60)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        store.finish(a.id, done(a.id, JobStatus::Completed));
+        let r = waiter.await.unwrap().unwrap();
+        assert_eq!(r.status, JobStatus::Completed);
+        store.wait_idle().await;
+    }
+}

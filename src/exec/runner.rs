@@ -1,0 +1,878 @@
+//! Running one command: request-time argument validation, per-element
+//! `{{.name}}` substitution into argv, and the process itself — no shell, a
+//! fixed PATH and a clean environment, its own process group, output caps,
+//! timeout and cancellation with SIGTERM then SIGKILL of the whole group.
+//!
+//! Processes are forked by one long-lived spawner thread through the
+//! [launcher](super::launcher), so a daemon killed with SIGKILL takes its
+//! commands with it.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{oneshot, watch};
+
+use super::launcher::LAUNCH_SUBCOMMAND;
+use super::tool::{Arg, ArgType, Command, Segment};
+
+/// The only PATH commands see, and the one bare program names are looked
+/// up on.
+pub const FIXED_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What the value in [`Prepared::audit_args`] is replaced with for
+/// `sensitive` arguments.
+pub const REDACTED: &str = "<redacted>";
+
+// ---------------------------------------------------------------------------
+// Arguments
+
+/// Why a request's arguments were refused (HTTP 400, naming the argument).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ArgError {
+    /// The body names an argument the command does not declare.
+    #[error("unknown argument {0:?}")]
+    Unknown(String),
+    /// A required argument, or an optional one the command line uses and
+    /// that has no default, was not supplied.
+    #[error("missing argument {0:?}")]
+    Missing(String),
+    /// The JSON value has the wrong type.
+    #[error("argument {name:?} must be {expected}")]
+    WrongType {
+        /// The argument.
+        name: String,
+        /// What was expected, for the message.
+        expected: &'static str,
+    },
+    /// The value does not match the argument's pattern (whole value).
+    #[error("argument {name:?} does not match the pattern {pattern}")]
+    Pattern {
+        /// The argument.
+        name: String,
+        /// The pattern as written.
+        pattern: String,
+    },
+    /// The value is longer than the limit.
+    #[error("argument {name:?} is longer than {max} bytes")]
+    TooLong {
+        /// The argument.
+        name: String,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// The value contains a control character (newline, NUL, escape, ...).
+    #[error("argument {0:?} contains a control character")]
+    ControlCharacter(String),
+    /// The value starts with `-` and the argument does not allow it.
+    #[error("argument {0:?} starts with '-', which this command does not allow")]
+    LeadingDash(String),
+}
+
+impl ArgError {
+    /// The argument the error is about.
+    pub fn arg(&self) -> &str {
+        match self {
+            ArgError::Unknown(n)
+            | ArgError::Missing(n)
+            | ArgError::ControlCharacter(n)
+            | ArgError::LeadingDash(n) => n,
+            ArgError::WrongType { name, .. }
+            | ArgError::Pattern { name, .. }
+            | ArgError::TooLong { name, .. } => name,
+        }
+    }
+}
+
+/// Validates one value for `arg` and returns its text form: the string
+/// itself, the canonical decimal of an `int`, `true`/`false` for a `bool`.
+/// Strings are accepted for `int` and `bool` too (the Go SDK sends every
+/// value as a string).
+///
+/// # Errors
+///
+/// Wrong JSON type or unparsable text, longer than `max_bytes`, a control
+/// character, a leading `-` (except for `int` and `allow_leading_dash`), or
+/// no whole-value match of the pattern.
+pub fn check_value(arg: &Arg, value: &Value, max_bytes: usize) -> Result<String, ArgError> {
+    let wrong = |expected| ArgError::WrongType {
+        name: arg.name.clone(),
+        expected,
+    };
+    let text = match (arg.kind, value) {
+        (ArgType::String, Value::String(s)) => s.clone(),
+        (ArgType::String, _) => return Err(wrong("a string")),
+        (ArgType::Int, Value::Number(n)) => {
+            n.as_i64().ok_or_else(|| wrong("an integer"))?.to_string()
+        }
+        (ArgType::Int, Value::String(s)) if s.len() <= 32 => s
+            .parse::<i64>()
+            .map_err(|_| wrong("an integer"))?
+            .to_string(),
+        (ArgType::Int, _) => return Err(wrong("an integer")),
+        (ArgType::Bool, Value::Bool(b)) => b.to_string(),
+        (ArgType::Bool, Value::String(s)) if s == "true" || s == "false" => s.clone(),
+        (ArgType::Bool, _) => return Err(wrong("true or false")),
+    };
+    if text.len() > max_bytes {
+        return Err(ArgError::TooLong {
+            name: arg.name.clone(),
+            max: max_bytes,
+        });
+    }
+    if text.chars().any(char::is_control) {
+        return Err(ArgError::ControlCharacter(arg.name.clone()));
+    }
+    if text.starts_with('-') && arg.kind != ArgType::Int && !arg.allow_leading_dash {
+        return Err(ArgError::LeadingDash(arg.name.clone()));
+    }
+    match &arg.pattern {
+        Some(pattern) if !pattern.is_match(&text) => Err(ArgError::Pattern {
+            name: arg.name.clone(),
+            pattern: pattern.as_str().to_string(),
+        }),
+        _ => Ok(text),
+    }
+}
+
+/// A request whose arguments passed validation: the final argv and what the
+/// audit log may show of the arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// The argv the command will receive, `exec_parts` with every
+    /// placeholder replaced inside its own element.
+    pub argv: Vec<String>,
+    /// The arguments as the caller gave them, `sensitive` ones replaced by
+    /// [`REDACTED`].
+    pub audit_args: BTreeMap<String, Value>,
+}
+
+/// Validates `args` (a request body's JSON object) against `command` and
+/// substitutes them into its argv.
+///
+/// # Errors
+///
+/// The first [`ArgError`]: unknown arguments first, then each declared
+/// argument in order.
+pub fn prepare(
+    command: &Command,
+    args: &serde_json::Map<String, Value>,
+    max_value_bytes: usize,
+) -> Result<Prepared, ArgError> {
+    if let Some(unknown) = args.keys().find(|k| command.arg(k).is_none()) {
+        return Err(ArgError::Unknown(unknown.clone()));
+    }
+    let mut values = Vec::with_capacity(command.args.len());
+    for (index, arg) in command.args.iter().enumerate() {
+        let value = match args.get(&arg.name) {
+            Some(v) => Some(check_value(arg, v, max_value_bytes)?),
+            None if arg.required => return Err(ArgError::Missing(arg.name.clone())),
+            None if command.uses_arg(index) => Some(
+                arg.default
+                    .clone()
+                    .ok_or_else(|| ArgError::Missing(arg.name.clone()))?,
+            ),
+            None => None,
+        };
+        values.push(value);
+    }
+    let argv = command
+        .template
+        .iter()
+        .map(|segments| {
+            let mut element = String::new();
+            for segment in segments {
+                match segment {
+                    Segment::Literal(text) => element.push_str(text),
+                    // `prepare` filled every argument the template uses.
+                    Segment::Arg(i) => element.push_str(values[*i].as_deref().unwrap_or("")),
+                }
+            }
+            element
+        })
+        .collect();
+    Ok(Prepared {
+        argv,
+        audit_args: redact_args(command, args),
+    })
+}
+
+/// The arguments as the audit log may show them: as given, with the values
+/// of `sensitive` arguments replaced by [`REDACTED`].
+pub fn redact_args(
+    command: &Command,
+    args: &serde_json::Map<String, Value>,
+) -> BTreeMap<String, Value> {
+    args.iter()
+        .map(|(name, value)| {
+            let sensitive = command.arg(name).is_some_and(|a| a.sensitive);
+            let shown = if sensitive {
+                Value::String(REDACTED.into())
+            } else {
+                value.clone()
+            };
+            (name.clone(), shown)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// Why a running command was stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelReason {
+    /// It ran longer than its timeout.
+    Timeout(Duration),
+    /// Its owner cancelled it (`DELETE /exec/jobs/{id}`).
+    Caller,
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+impl CancelReason {
+    /// The job's `error` text for this cancellation.
+    pub fn message(&self) -> String {
+        match self {
+            CancelReason::Timeout(d) => format!(
+                "cancelled: timed out after {}",
+                super::duration::format_go_duration(*d)
+            ),
+            CancelReason::Caller => "cancelled by the caller".into(),
+            CancelReason::Shutdown => "cancelled: the daemon is shutting down".into(),
+        }
+    }
+}
+
+/// Runner settings (see [`super::ExecSettings`] for the defaults).
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    /// The executable started as the launcher: a `tailkitd` binary
+    /// (`std::env::current_exe()` in the daemon).
+    pub launcher: PathBuf,
+    /// Time between SIGTERM and SIGKILL on timeout or cancel.
+    pub kill_grace: Duration,
+    /// How long output is still drained after the main process exited.
+    pub drain_after_exit: Duration,
+}
+
+/// One command to run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The final argv; `argv[0]` is the program as written.
+    pub argv: Vec<String>,
+    /// The complete environment of the child.
+    pub env: Vec<(String, String)>,
+    /// Working directory, if not the daemon's.
+    pub workdir: Option<PathBuf>,
+    /// Timeout after which the command is cancelled.
+    pub timeout: Duration,
+    /// Bytes kept per stream.
+    pub max_output_bytes: usize,
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The command could not be started (or waited for); the text says why.
+    Error(String),
+    /// It exited with this code.
+    Exited(i32),
+    /// It was killed by this signal number.
+    Signaled(i32),
+}
+
+/// One output stream as kept: at most the cap, plus the total count.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    /// The first bytes written, up to the cap.
+    pub data: Vec<u8>,
+    /// Every byte written, kept or not.
+    pub total: u64,
+    /// Whether bytes past the cap were dropped.
+    pub truncated: bool,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// How the process ended.
+    pub end: RunEnd,
+    /// Set when the runner stopped the command (timeout, cancel, shutdown).
+    pub cancelled: Option<CancelReason>,
+    /// Captured stdout.
+    pub stdout: Output,
+    /// Captured stderr.
+    pub stderr: Output,
+    /// When the process started (`None` if it never did).
+    pub started_at: Option<SystemTime>,
+    /// When the job ended.
+    pub finished_at: SystemTime,
+    /// Wall time from start of the run to its end.
+    pub duration: Duration,
+}
+
+impl RunOutcome {
+    /// The name of the signal that killed the command, if one did.
+    pub fn signal_name(&self) -> Option<String> {
+        match self.end {
+            RunEnd::Signaled(n) => Some(
+                Signal::try_from(n)
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|_| format!("signal {n}")),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Starts and supervises commands.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    settings: RunnerSettings,
+}
+
+impl Runner {
+    /// A runner with `settings`.
+    pub fn new(settings: RunnerSettings) -> Self {
+        Runner { settings }
+    }
+
+    /// Runs `spec` to its end: until the main process exits (then at most
+    /// `drain_after_exit` more of output, then SIGKILL to whatever is left
+    /// of its group), or until the timeout or `cancel` (then SIGTERM to the
+    /// group, SIGKILL after the grace period). `on_start` is called once the
+    /// process exists. Never fails: problems are in [`RunOutcome::end`].
+    pub async fn run(
+        &self,
+        spec: RunSpec,
+        mut cancel: watch::Receiver<Option<CancelReason>>,
+        on_start: impl FnOnce(SystemTime),
+    ) -> RunOutcome {
+        let start = Instant::now();
+        let early_end = |end: RunEnd, cancelled: Option<CancelReason>| RunOutcome {
+            end,
+            cancelled,
+            stdout: Output::default(),
+            stderr: Output::default(),
+            started_at: None,
+            finished_at: SystemTime::now(),
+            duration: start.elapsed(),
+        };
+        if let Some(reason) = cancel.borrow().clone() {
+            return early_end(
+                RunEnd::Error("cancelled before it started".into()),
+                Some(reason),
+            );
+        }
+        let program = match spec.argv.first().map(|p| resolve_program(p)) {
+            Some(Ok(program)) => program,
+            Some(Err(e)) => return early_end(RunEnd::Error(format!("could not start: {e}")), None),
+            None => return early_end(RunEnd::Error("could not start: empty argv".into()), None),
+        };
+        if let Some(dir) = spec.workdir.as_ref().filter(|d| !d.is_dir()) {
+            let e = format!(
+                "could not start: working directory {} does not exist",
+                dir.display()
+            );
+            return early_end(RunEnd::Error(e), None);
+        }
+
+        let mut command = tokio::process::Command::new(&self.settings.launcher);
+        command
+            .arg(LAUNCH_SUBCOMMAND)
+            .arg(std::process::id().to_string())
+            .arg(&program)
+            .args(&spec.argv)
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(dir) = &spec.workdir {
+            command.current_dir(dir);
+        }
+        let mut child = match spawn_from_spawner_thread(command).await {
+            Ok(child) => child,
+            Err(e) => return early_end(RunEnd::Error(format!("could not start: {e}")), None),
+        };
+        let started_at = SystemTime::now();
+        on_start(started_at);
+        let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
+            return early_end(RunEnd::Error("could not start: no process id".into()), None);
+        };
+        // Kills whatever is left of the group when this run ends, however
+        // it ends (including this future being dropped).
+        let group = GroupGuard(Pid::from_raw(pid));
+
+        let stdout = Arc::new(Mutex::new(Output::default()));
+        let stderr = Arc::new(Mutex::new(Output::default()));
+        let mut drains = Vec::with_capacity(2);
+        if let Some(out) = child.stdout.take() {
+            drains.push(tokio::spawn(drain(
+                out,
+                spec.max_output_bytes,
+                stdout.clone(),
+            )));
+        }
+        if let Some(err) = child.stderr.take() {
+            drains.push(tokio::spawn(drain(
+                err,
+                spec.max_output_bytes,
+                stderr.clone(),
+            )));
+        }
+
+        let mut cancelled = None;
+        let status = tokio::select! {
+            status = child.wait() => status,
+            () = tokio::time::sleep(spec.timeout) => {
+                cancelled = Some(CancelReason::Timeout(spec.timeout));
+                self.terminate(&group, &mut child).await
+            }
+            reason = cancelled_by(&mut cancel) => {
+                cancelled = Some(reason);
+                self.terminate(&group, &mut child).await
+            }
+        };
+
+        // The main process is gone: give the pipes a moment to empty (a
+        // background grandchild may hold them open forever), then end the
+        // group and keep what was read.
+        let all_drained = async {
+            for d in &mut drains {
+                let _ = d.await;
+            }
+        };
+        let _ = tokio::time::timeout(self.settings.drain_after_exit, all_drained).await;
+        group.kill(Signal::SIGKILL);
+        for d in &drains {
+            d.abort();
+        }
+        let take = |o: &Arc<Mutex<Output>>| std::mem::take(&mut *lock(o));
+        let end = match status {
+            Ok(status) => end_of(status),
+            Err(e) => RunEnd::Error(format!("waiting for the command failed: {e}")),
+        };
+        RunOutcome {
+            end,
+            cancelled,
+            stdout: take(&stdout),
+            stderr: take(&stderr),
+            started_at: Some(started_at),
+            finished_at: SystemTime::now(),
+            duration: start.elapsed(),
+        }
+    }
+
+    /// SIGTERM to the group, SIGKILL after the grace period; returns the
+    /// main process's status.
+    async fn terminate(
+        &self,
+        group: &GroupGuard,
+        child: &mut tokio::process::Child,
+    ) -> io::Result<ExitStatus> {
+        group.kill(Signal::SIGTERM);
+        match tokio::time::timeout(self.settings.kill_grace, child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                group.kill(Signal::SIGKILL);
+                child.wait().await
+            }
+        }
+    }
+}
+
+fn end_of(status: ExitStatus) -> RunEnd {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => RunEnd::Exited(code),
+        (None, Some(signal)) => RunEnd::Signaled(signal),
+        (None, None) => RunEnd::Error(format!("unexpected process status {status}")),
+    }
+}
+
+async fn cancelled_by(cancel: &mut watch::Receiver<Option<CancelReason>>) -> CancelReason {
+    loop {
+        if let Some(reason) = cancel.borrow_and_update().clone() {
+            return reason;
+        }
+        if cancel.changed().await.is_err() {
+            // Nobody can cancel any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A process group that is sent SIGKILL when the guard is dropped.
+struct GroupGuard(Pid);
+
+impl GroupGuard {
+    fn kill(&self, signal: Signal) {
+        // ESRCH (group already gone) is the normal case at the end.
+        let _ = killpg(self.0, signal);
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill(Signal::SIGKILL);
+    }
+}
+
+fn lock(output: &Mutex<Output>) -> std::sync::MutexGuard<'_, Output> {
+    output.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads `reader` to its end, keeping the first `cap` bytes and counting all.
+async fn drain(mut reader: impl AsyncRead + Unpin, cap: usize, into: Arc<Mutex<Output>>) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut out = lock(&into);
+        let keep = n.min(cap.saturating_sub(out.data.len()));
+        out.data.extend_from_slice(&chunk[..keep]);
+        out.total += n as u64;
+        if keep < n {
+            out.truncated = true;
+        }
+    }
+}
+
+/// The program to execute: an absolute path as is, a bare name looked up on
+/// [`FIXED_PATH`].
+///
+/// # Errors
+///
+/// When it does not exist or is not an executable file.
+pub fn resolve_program(program: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.starts_with('/') {
+        let path = PathBuf::from(program);
+        return if executable(&path) {
+            Ok(path)
+        } else {
+            Err(format!("{program} is not an executable file"))
+        };
+    }
+    FIXED_PATH
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| executable(p))
+        .ok_or_else(|| format!("{program}: executable file not found in {FIXED_PATH}"))
+}
+
+// ---------------------------------------------------------------------------
+// The spawner thread
+
+struct SpawnRequest {
+    command: tokio::process::Command,
+    runtime: tokio::runtime::Handle,
+    reply: oneshot::Sender<io::Result<tokio::process::Child>>,
+}
+
+/// The one thread that forks every command. It lives as long as the
+/// process: the parent-death signal of a child follows the thread that
+/// forked it, so it must never exit while the process lives.
+fn spawner() -> Option<&'static mpsc::Sender<SpawnRequest>> {
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<SpawnRequest>();
+            let thread = std::thread::Builder::new()
+                .name("tailkitd-spawner".into())
+                .spawn(move || {
+                    for mut request in rx {
+                        let result = {
+                            let _runtime = request.runtime.enter();
+                            request.command.spawn()
+                        };
+                        if let Err(Ok(child)) = request.reply.send(result) {
+                            // The run was dropped meanwhile: nobody will
+                            // supervise this child.
+                            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                            }
+                        }
+                    }
+                })
+                .ok();
+            thread.map(|_| tx)
+        })
+        .as_ref()
+}
+
+async fn spawn_from_spawner_thread(
+    command: tokio::process::Command,
+) -> io::Result<tokio::process::Child> {
+    let spawner = spawner().ok_or_else(|| io::Error::other("no spawner thread"))?;
+    let (reply, response) = oneshot::channel();
+    spawner
+        .send(SpawnRequest {
+            command,
+            runtime: tokio::runtime::Handle::current(),
+            reply,
+        })
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+    response
+        .await
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::tool::{Format, ToolLimits, parse_str};
+    use serde_json::json;
+
+    fn command(args: &str, parts: &str) -> Arc<Command> {
+        let text = format!(
+            r#"{{"name": "t", "commands": [{{"name": "c", "exec_parts": {parts}, "args": {args}}}]}}"#
+        );
+        let tool = parse_str(
+            &text,
+            Format::Json,
+            Path::new("t.json"),
+            &ToolLimits::default(),
+        )
+        .unwrap();
+        tool.commands[0].clone()
+    }
+
+    fn obj(v: Value) -> serde_json::Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn five_args() -> Arc<Command> {
+        command(
+            r#"[{"name": "name", "required": true, "pattern": "^[a-z]+$"},
+                {"name": "count", "type": "int"},
+                {"name": "force", "type": "bool", "default": false},
+                {"name": "note", "allow_leading_dash": true},
+                {"name": "token", "sensitive": true, "default": "none"}]"#,
+            r#"["/bin/echo", "{{.name}}", "--count={{.count}}", "{{ .force }}", "{{.note}}", "{{.token}}"]"#,
+        )
+    }
+
+    #[test]
+    fn substitution_is_per_element() {
+        let c = five_args();
+        let p = prepare(
+            &c,
+            &obj(
+                json!({"name": "abc", "count": "-3", "note": "a b; $(rm) `x`", "token": "s3cret"}),
+            ),
+            4096,
+        )
+        .unwrap();
+        assert_eq!(
+            p.argv,
+            [
+                "/bin/echo",
+                "abc",
+                "--count=-3",
+                "false",
+                "a b; $(rm) `x`",
+                "s3cret"
+            ]
+        );
+        assert_eq!(p.audit_args["token"], REDACTED);
+        assert_eq!(p.audit_args["note"], "a b; $(rm) `x`");
+        assert!(
+            !p.audit_args.contains_key("force"),
+            "defaults are not caller input"
+        );
+    }
+
+    #[test]
+    fn int_and_bool_accept_json_values_and_strings() {
+        let c = five_args();
+        let p = prepare(
+            &c,
+            &obj(json!({"name": "a", "count": 7, "force": true, "note": "-x"})),
+            4096,
+        )
+        .unwrap();
+        assert_eq!(p.argv[2], "--count=7");
+        assert_eq!(p.argv[3], "true");
+        assert_eq!(p.argv[4], "-x", "allow_leading_dash");
+        let p = prepare(
+            &c,
+            &obj(json!({"name": "a", "count": "+0012", "force": "false", "note": ""})),
+            4096,
+        )
+        .unwrap();
+        assert_eq!(p.argv[2], "--count=12", "ints are canonical");
+    }
+
+    #[test]
+    fn every_request_time_rule() {
+        let c = five_args();
+        let base = json!({"name": "abc", "count": 1, "note": "n"});
+        let with = |k: &str, v: Value| {
+            let mut m = obj(base.clone());
+            m.insert(k.into(), v);
+            m
+        };
+        let cases: Vec<(serde_json::Map<String, Value>, ArgError)> = vec![
+            (with("nope", json!("x")), ArgError::Unknown("nope".into())),
+            (
+                obj(json!({"count": 1, "note": "n"})),
+                ArgError::Missing("name".into()),
+            ),
+            (
+                obj(json!({"name": "abc", "count": 1})),
+                ArgError::Missing("note".into()),
+            ),
+            (
+                with("name", json!(5)),
+                ArgError::WrongType {
+                    name: "name".into(),
+                    expected: "a string",
+                },
+            ),
+            (
+                with("name", json!(null)),
+                ArgError::WrongType {
+                    name: "name".into(),
+                    expected: "a string",
+                },
+            ),
+            (
+                with("count", json!(1.5)),
+                ArgError::WrongType {
+                    name: "count".into(),
+                    expected: "an integer",
+                },
+            ),
+            (
+                with("count", json!("12abc")),
+                ArgError::WrongType {
+                    name: "count".into(),
+                    expected: "an integer",
+                },
+            ),
+            (
+                with("count", json!("99999999999999999999")),
+                ArgError::WrongType {
+                    name: "count".into(),
+                    expected: "an integer",
+                },
+            ),
+            (
+                with("force", json!("yes")),
+                ArgError::WrongType {
+                    name: "force".into(),
+                    expected: "true or false",
+                },
+            ),
+            (
+                with("force", json!(1)),
+                ArgError::WrongType {
+                    name: "force".into(),
+                    expected: "true or false",
+                },
+            ),
+            (
+                with("name", json!("ABC")),
+                ArgError::Pattern {
+                    name: "name".into(),
+                    pattern: "^[a-z]+$".into(),
+                },
+            ),
+            (
+                with("name", json!("abc def")),
+                ArgError::Pattern {
+                    name: "name".into(),
+                    pattern: "^[a-z]+$".into(),
+                },
+            ),
+            (
+                with("note", json!("x".repeat(4097))),
+                ArgError::TooLong {
+                    name: "note".into(),
+                    max: 4096,
+                },
+            ),
+            (
+                with("note", json!("a\nb")),
+                ArgError::ControlCharacter("note".into()),
+            ),
+            (
+                with("note", json!("a\u{0}b")),
+                ArgError::ControlCharacter("note".into()),
+            ),
+            (
+                with("note", json!("a\u{1b}[31m")),
+                ArgError::ControlCharacter("note".into()),
+            ),
+            (
+                with("note", json!("a\u{85}")),
+                ArgError::ControlCharacter("note".into()),
+            ),
+            (
+                with("token", json!("--output=/etc/passwd")),
+                ArgError::LeadingDash("token".into()),
+            ),
+        ];
+        for (args, expected) in cases {
+            assert_eq!(prepare(&c, &args, 4096), Err(expected.clone()), "{args:?}");
+            assert!(!expected.to_string().is_empty() && !expected.arg().is_empty());
+        }
+        assert!(prepare(&c, &with("note", json!("x".repeat(4096))), 4096).is_ok());
+        assert!(
+            prepare(&c, &with("count", json!(-5)), 4096).is_ok(),
+            "ints may be negative"
+        );
+    }
+
+    #[test]
+    fn unused_optional_args_need_no_default() {
+        let c = command(r#"[{"name": "unused"}]"#, r#"["true"]"#);
+        assert_eq!(
+            prepare(&c, &serde_json::Map::new(), 4096).unwrap().argv,
+            ["true"]
+        );
+    }
+
+    #[test]
+    fn non_ascii_digits_are_refused() {
+        let c = command(
+            r#"[{"name": "n", "pattern": "^\\d+$"}]"#,
+            r#"["echo", "{{.n}}"]"#,
+        );
+        assert!(prepare(&c, &obj(json!({"n": "123"})), 4096).is_ok());
+        assert!(matches!(
+            prepare(&c, &obj(json!({"n": "١٢٣"})), 4096),
+            Err(ArgError::Pattern { .. })
+        ));
+    }
+
+    #[test]
+    fn programs_resolve_on_the_fixed_path() {
+        assert!(resolve_program("sh").unwrap().is_absolute());
+        assert_eq!(
+            resolve_program("/bin/sh").unwrap(),
+            PathBuf::from("/bin/sh")
+        );
+        assert!(resolve_program("no-such-program-tailkitd").is_err());
+        assert!(resolve_program("/etc/passwd").is_err(), "not executable");
+    }
+}
