@@ -276,8 +276,9 @@ impl Node {
     /// # Errors
     ///
     /// - [`BridgeError::NeedsLogin`] as soon as the control server asks for
-    ///   interactive login and has handed out a URL; the node stays started
-    ///   and a later `up` keeps waiting (for the login to complete).
+    ///   interactive login and has handed out a URL. Each URL is reported
+    ///   once: the node stays started, and a later `up` keeps waiting for the
+    ///   login to complete (or reports a new URL, should one replace it).
     /// - [`BridgeError::Timeout`] after `timeout`, naming the backend state
     ///   and the control server (an unreachable control server ends here).
     /// - [`BridgeError::Bridge`] when the control server refuses the node

@@ -183,6 +183,8 @@ type node struct {
 	kicked bool // Start was launched (or abandoned because of close)
 	closed bool
 	lns    map[int64]*bridgeListener
+
+	reportedAuthURL string // the login URL up last returned
 }
 
 var errNodeClosed = codedErrorf(C.TSNB_EBADF, "node is closed")
@@ -208,17 +210,49 @@ func newNode(cfg nodeConfig) *node {
 	return n
 }
 
-// applyLogUploadPolicy turns Tailscale's log upload off before a node starts,
-// unless the node opted in. Off is sticky and process-wide: tsnet picks its
-// log transport when a node starts, so nodes started earlier keep theirs.
-func applyLogUploadPolicy(cfg *nodeConfig) {
+// applyStartPolicy sets the process-wide tsnet knobs a node needs before it
+// starts.
+//
+// Log upload to Tailscale goes off unless the node opted in. Off is sticky:
+// tsnet picks its log transport when a node starts, so nodes started earlier
+// keep theirs.
+//
+// A node whose control server is on loopback (the local tailnet) must not
+// wait for a network interface to come up: it needs none, and in a
+// loopback-only network namespace (where tests run) there is none, so tsnet
+// would pause its control client and magicsock forever. The knob is
+// process-wide.
+func applyStartPolicy(cfg *nodeConfig) {
 	if !cfg.UploadLogs {
 		envknob.SetNoLogsNoSupport()
-		return
-	}
-	if envknob.NoLogsNoSupport() {
+	} else if envknob.NoLogsNoSupport() {
 		emit("bridge", fmt.Sprintf("node %q asked to upload logs, but log upload is already off in this process", cfg.Hostname))
 	}
+	if cfg.controlIsLoopback() {
+		assumeNetworkUp()
+	}
+}
+
+// assumeNetworkUp tells tsnet (control client and magicsock) to consider the
+// network up even when no interface but loopback has an address.
+func assumeNetworkUp() {
+	envknob.Setenv("TS_ASSUME_NETWORK_UP_FOR_TEST", "true")
+}
+
+func (c *nodeConfig) controlIsLoopback() bool {
+	if c.ControlURL == nil || *c.ControlURL == "" {
+		return false
+	}
+	u, err := url.Parse(*c.ControlURL)
+	if err != nil {
+		return false
+	}
+	host := u.Hostname()
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
 }
 
 // kickStart launches tsnet's Start once, in the background, and returns a
@@ -242,7 +276,7 @@ func (n *node) kickStart() <-chan struct{} {
 				n.startErr = fmt.Errorf("tsnet start panicked: %v", r)
 			}
 		}()
-		applyLogUploadPolicy(&n.cfg)
+		applyStartPolicy(&n.cfg)
 		n.startErr = n.srv.Start()
 	}()
 	return n.startDone
@@ -273,6 +307,17 @@ func (n *node) localClient(ctx context.Context) (*local.Client, error) {
 		return nil, err
 	}
 	return n.srv.LocalClient()
+}
+
+// noteAuthURL records a login URL and reports whether it is new.
+func (n *node) noteAuthURL(u string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.reportedAuthURL == u {
+		return false
+	}
+	n.reportedAuthURL = u
+	return true
 }
 
 // up waits for state Running; see tsnetbridge_node_up.
@@ -338,7 +383,9 @@ func (n *node) up(ctx context.Context, timeout time.Duration) error {
 					authURL = st.AuthURL
 				}
 			}
-			if authURL != "" {
+			// Each login URL is reported once: a later up waits for the
+			// login to complete (or for a new URL).
+			if authURL != "" && n.noteAuthURL(authURL) {
 				return &codedError{code: C.TSNB_ENEEDSLOGIN, msg: authURL}
 			}
 		}

@@ -70,9 +70,10 @@ int tsnetbridge_node_new(char *config_json, int64_t *out_node, char *errbuf,
 /*
  * Starts the node if needed and waits up to timeout_ms for state Running.
  * Returns TSNB_ENEEDSLOGIN (errbuf = login URL) as soon as the backend needs
- * interactive login and has a URL; the node stays started, so calling up
- * again keeps waiting. TSNB_ETIMEDOUT names the last backend state and the
- * control URL.
+ * interactive login and has a URL. Each URL is reported once: the node stays
+ * started, and calling up again keeps waiting for the login to complete (or
+ * returns TSNB_ENEEDSLOGIN again if the control server hands out a new URL).
+ * TSNB_ETIMEDOUT names the last backend state and the control URL.
  */
 int tsnetbridge_node_up(int64_t node, int64_t timeout_ms, char *errbuf, size_t errlen);
 
