@@ -579,3 +579,106 @@ async fn up_reports_the_login_url_until_approved() {
     })
     .await;
 }
+
+/// A minimal SOCKS5 CONNECT with user/password auth (RFC 1928, RFC 1929) to
+/// `host:port`, as curl's `--socks5-hostname` does.
+async fn socks5_connect(
+    proxy: &tailkitd::tailnet::LoopbackProxy,
+    host: &str,
+    port: u16,
+) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&[5, 1, 2]).await.unwrap(); // v5, one method: user/password
+    let mut reply = [0u8; 2];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply, [5, 2], "proxy wants user/password auth");
+    let (user, pass) = (
+        proxy.socks5_user.as_bytes(),
+        proxy.socks5_password.as_bytes(),
+    );
+    let mut auth = vec![1, user.len() as u8];
+    auth.extend_from_slice(user);
+    auth.push(pass.len() as u8);
+    auth.extend_from_slice(pass);
+    s.write_all(&auth).await.unwrap();
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply, [1, 0], "proxy accepts the credentials");
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[1], 0, "SOCKS5 CONNECT to {host}:{port} succeeded");
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        3 => {
+            let mut len = [0u8; 1];
+            s.read_exact(&mut len).await.unwrap();
+            usize::from(len[0]) + 2
+        }
+        other => panic!("bad SOCKS5 address type {other}"),
+    };
+    let mut skip = vec![0u8; rest];
+    s.read_exact(&mut skip).await.unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_socks5_reaches_peers_by_name() {
+    guarded(async {
+        let net = Net::start().await;
+        let server = net.node("webserver").await;
+        let client = net.node("curler").await;
+        let listener = server.listen(0).await.unwrap();
+        let port = listener.port();
+        assert_ne!(port, 0, "port 0 picks a free port");
+
+        let proxy = client.loopback().await.unwrap();
+        assert!(proxy.addr.ip().is_loopback());
+        assert_eq!(proxy.socks5_user, "tsnet");
+        assert_eq!(client.loopback().await.unwrap(), proxy, "idempotent");
+
+        let accept = tokio::spawn(async move {
+            let (mut conn, peer) = listener.accept().await.unwrap();
+            let mut buf = BufReader::new(&mut conn);
+            let mut line = String::new();
+            buf.read_line(&mut line).await.unwrap();
+            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            conn.shutdown().await.unwrap();
+            (line, peer)
+        });
+        let mut s = socks5_connect(&proxy, "webserver", port).await;
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: webserver\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).await.unwrap();
+        let (line, peer) = accept.await.unwrap();
+        assert_eq!(line, "GET /health HTTP/1.1\r\n");
+        assert!(response.ends_with("\r\n\r\nok"), "{response}");
+        assert!(client.ips().unwrap().contains(&peer.ip()));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_nodes_come_up_and_close_cleanly() {
+    guarded(async {
+        let net = Net::start().await;
+        let node = Node::new(NodeConfig {
+            ephemeral: true,
+            ..net.config("sidecar")
+        })
+        .unwrap();
+        let status = node.up(UP).await.unwrap();
+        assert_eq!(status.backend_state, "Running");
+        node.close()
+            .await
+            .expect("an ephemeral node logs out and closes");
+    })
+    .await;
+}
