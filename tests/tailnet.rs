@@ -4,6 +4,8 @@
 //!
 //! Set `TAILKITD_TEST_LOG=tsnet=debug` to see the Go side's logs.
 
+#![cfg(feature = "localnet")]
+
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -679,6 +681,91 @@ async fn ephemeral_nodes_come_up_and_close_cleanly() {
         node.close()
             .await
             .expect("an ephemeral node logs out and closes");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_storms_while_nodes_carry_traffic() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use tokio::signal::unix::{SignalKind, signal};
+
+    guarded(async {
+        // tokio's handlers, made safe for the Go runtime as the daemon does.
+        // Without ensure_signal_onstack this test crashes the process
+        // (SIGSEGV or "fatal error: unknown caller pc" from Go) in most runs.
+        let mut sigchld = signal(SignalKind::child()).unwrap();
+        let mut sighup = signal(SignalKind::hangup()).unwrap();
+        ensure_signal_onstack(&[libc::SIGCHLD, libc::SIGHUP]).unwrap();
+        let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let counter = tokio::spawn({
+            let counts = counts.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = sigchld.recv() => counts[0].fetch_add(1, Ordering::Relaxed),
+                        _ = sighup.recv() => counts[1].fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }
+        });
+
+        let net = Net::start().await;
+        let server = net.node("stormserver").await;
+        let client = net.node("stormclient").await;
+        let listener = server.listen(7100).await.unwrap();
+        let echo = tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    conn.read_to_end(&mut buf).await.unwrap();
+                    conn.write_all(&buf).await.unwrap();
+                    conn.shutdown().await.unwrap();
+                });
+            }
+        });
+        let target = format!("{}:7100", ipv4(&server));
+        let traffic = tokio::spawn(async move {
+            let payload: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+            for _ in 0..60 {
+                let mut s = client.dial(&target).await.unwrap();
+                s.write_all(&payload).await.unwrap();
+                s.shutdown().await.unwrap();
+                assert_eq!(read_all(&mut s).await, payload);
+            }
+            client
+        });
+
+        // Hundreds of children exiting at once, and bursts of SIGHUP, landing
+        // on whatever thread (Go's included) the kernel picks.
+        let storm = tokio::task::spawn_blocking(|| {
+            for _ in 0..3 {
+                let children: Vec<_> = (0..150)
+                    .map(|_| Command::new("/bin/true").spawn().expect("spawn"))
+                    .collect();
+                for mut child in children {
+                    child.wait().unwrap();
+                }
+                for _ in 0..50 {
+                    kill(Pid::this(), Signal::SIGHUP).unwrap();
+                }
+            }
+        });
+        storm.await.unwrap();
+        let _client = traffic.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        echo.abort();
+        counter.abort();
+        let (chld, hup) = (
+            counts[0].load(Ordering::Relaxed),
+            counts[1].load(Ordering::Relaxed),
+        );
+        eprintln!("signal storm: tokio saw {chld} SIGCHLD and {hup} SIGHUP wake-ups");
+        assert!(chld > 0 && hup > 0);
+        // The node still works after the storm.
+        assert_eq!(server.status().await.unwrap().backend_state, "Running");
     })
     .await;
 }
