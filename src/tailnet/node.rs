@@ -486,6 +486,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn handles_are_shareable_across_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Node>();
+        send_sync::<Listener>();
+        send::<Stream>();
+    }
+
+    #[test]
     fn hostnames_are_validated_with_the_name_in_the_error() {
         for bad in ["", "-x", "x-", "has space", "dot.ted", "ü", &"a".repeat(64)] {
             let err = Node::new(NodeConfig::new(bad, "/tmp/unused")).unwrap_err();
