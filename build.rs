@@ -68,7 +68,11 @@ fn build() -> Result<(), String> {
 
     // netgo/osusergo: Go's own resolver and user lookups, no libc NSS calls
     // from Go threads and no libresolv to link.
-    let mut tags = vec!["netgo", "osusergo"];
+    // ts_omit_peerapiserver: in userspace (netstack) mode tsnet's PeerAPI
+    // server opens a kernel TCP listener on 0.0.0.0 for every node; tailkitd
+    // must bind no host port, and needs none of PeerAPI's services (Taildrop,
+    // exit-node DNS).
+    let mut tags = vec!["netgo", "osusergo", "ts_omit_peerapiserver"];
     if env::var_os("CARGO_FEATURE_LOCALNET").is_some() {
         tags.push("tailkitd_localnet");
     }

@@ -157,7 +157,7 @@ fn round_trip(c: &mut Criterion) {
         let registry = Arc::new(Registry::load(dir.path(), ToolLimits::default()));
         let audit = Arc::new(AuditLog::open(std::path::Path::new("/dev/null")).unwrap());
         let settings = ExecSettings {
-            launcher: env!("CARGO_BIN_EXE_tailkitd").into(),
+            launcher: env!("CARGO_BIN_EXE_tailkitd-launch").into(),
             ..ExecSettings::default()
         };
         let api = Api::new(

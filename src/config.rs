@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use serde::Deserialize;
@@ -18,6 +19,8 @@ pub const DEFAULT_TOOLS_DIR: &str = "/etc/tailkitd/tools";
 pub const DEFAULT_MAX_JOBS: usize = 16;
 /// Default tailnet port the API is served on.
 pub const DEFAULT_PORT: u16 = 80;
+/// Default time running jobs get to finish at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Flags of `tailkitd run`. Every value is optional here: an absent flag
 /// falls back to its environment variable (clap reads those), then to the
@@ -75,6 +78,10 @@ pub struct RunArgs {
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub upload_logs: Option<bool>,
 
+    /// On SIGTERM/SIGINT, how long running jobs may finish before they are cancelled (Go duration) [default: 10s]
+    #[arg(long, env = "TAILKITD_SHUTDOWN_GRACE", value_parser = parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+
     /// TOML config file [default: /etc/tailkitd/tailkitd.toml if present]
     #[arg(long, env = "TAILKITD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -107,6 +114,7 @@ struct FileConfig {
     max_jobs: Option<usize>,
     log_format: Option<LogFormat>,
     upload_logs: Option<bool>,
+    shutdown_grace: Option<String>,
 }
 
 /// A secret that never shows in `Debug` output or logs.
@@ -153,6 +161,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Whether tsnet may upload logs to Tailscale.
     pub upload_logs: bool,
+    /// How long running jobs may finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -256,6 +266,16 @@ impl Settings {
                 message: "must be at least 1".into(),
             });
         }
+        let shutdown_grace = match (args.shutdown_grace, file.shutdown_grace) {
+            (Some(d), _) => d,
+            (None, Some(text)) => {
+                parse_duration(&text).map_err(|message| ConfigError::Invalid {
+                    setting: "--shutdown-grace",
+                    message,
+                })?
+            }
+            (None, None) => DEFAULT_SHUTDOWN_GRACE,
+        };
         let audit_log = args
             .audit_log
             .or(file.audit_log)
@@ -274,9 +294,19 @@ impl Settings {
             max_jobs,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             upload_logs: args.upload_logs.or(file.upload_logs).unwrap_or(false),
+            shutdown_grace,
             config_file,
         })
     }
+}
+
+/// A Go duration (`10s`, `1m30s`) of at most an hour.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = crate::exec::duration::parse_go_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if d > Duration::from_secs(3600) {
+        return Err(format!("{text:?}: at most 1h"));
+    }
+    Ok(d)
 }
 
 /// Reads the named config file (which must exist), or the default one if
@@ -401,6 +431,7 @@ mod tests {
         assert_eq!(s.control_url, None);
         assert!(s.auth_key.is_none());
         assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.shutdown_grace, Duration::from_secs(10));
     }
 
     #[test]
@@ -408,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config_file(
             dir.path(),
-            "hostname = \"from-file\"\nport = 8080\nmax_jobs = 4\nrequire_cap = true\nstate_dir = \"/srv/tk\"\n",
+            "hostname = \"from-file\"\nport = 8080\nmax_jobs = 4\nrequire_cap = true\nstate_dir = \"/srv/tk\"\nshutdown_grace = \"1m30s\"\n",
         );
         let cli = Cli::try_parse_from([
             "t",
@@ -428,6 +459,7 @@ mod tests {
         assert!(s.ephemeral);
         assert_eq!(s.audit_log, Path::new("/srv/tk/audit.jsonl"));
         assert_eq!(s.config_file.as_deref(), Some(cfg.as_path()));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(90));
     }
 
     #[test]
@@ -515,6 +547,10 @@ mod tests {
         assert_eq!(cli.run.log_format, Some(LogFormat::Json));
         assert_eq!(cli.run.upload_logs, Some(true));
         assert!(Cli::try_parse_from(["t", "--log-format", "xml"]).is_err());
+        let cli = Cli::try_parse_from(["t", "--shutdown-grace", "2.5s"]).unwrap();
+        assert_eq!(cli.run.shutdown_grace, Some(Duration::from_millis(2500)));
+        assert!(Cli::try_parse_from(["t", "--shutdown-grace", "2h"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--shutdown-grace", "soon"]).is_err());
     }
 
     #[test]

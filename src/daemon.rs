@@ -50,6 +50,16 @@ pub enum DaemonError {
     /// The tailnet node failed.
     #[error("tailnet: {0}")]
     Tailnet(#[from] BridgeError),
+    /// The per-job supervisor executable is missing or not executable.
+    #[error(
+        "the job launcher {path} cannot be run ({source}): tailkitd-launch is built with tailkitd and must be installed next to it"
+    )]
+    Launcher {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// Why it cannot run.
+        source: nix::Error,
+    },
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signals(std::io::Error),
@@ -77,17 +87,24 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         .map_err(DaemonError::Signals)?;
 
     create_state_dir(&settings.state_dir)?;
-    let audit = Arc::new(
-        AuditLog::open(&settings.audit_log).map_err(|source| DaemonError::Audit {
-            path: settings.audit_log.clone(),
-            source,
-        })?,
-    );
+    let audit =
+        Arc::new(
+            AuditLog::open(&settings.audit_log).map_err(|source| DaemonError::Audit {
+                path: settings.audit_log.clone(),
+                source,
+            })?,
+        );
 
     let exec_settings = ExecSettings {
         max_jobs: settings.max_jobs,
         ..ExecSettings::default()
     };
+    nix::unistd::access(&exec_settings.launcher, nix::unistd::AccessFlags::X_OK).map_err(
+        |source| DaemonError::Launcher {
+            path: exec_settings.launcher.clone(),
+            source,
+        },
+    )?;
     let registry = Arc::new(Registry::load(
         settings.tools_dir.clone(),
         exec_settings.tool_limits(),
@@ -181,7 +198,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     if let Err(e) = server.await {
         error!(error = %e, "the server task failed");
     }
-    leave(Arc::into_inner(node)).await;
+    leave(node).await;
     info!("stopped");
     Ok(())
 }
@@ -224,10 +241,7 @@ async fn join_tailnet(node: &Node, control_url: Option<&str>) -> Result<Status, 
 }
 
 /// Closes the node (an ephemeral node is removed from the tailnet).
-async fn leave(node: impl Into<Option<Arc<Node>>>) {
-    let Some(node) = node.into() else {
-        return;
-    };
+async fn leave(node: Arc<Node>) {
     match Arc::try_unwrap(node) {
         Ok(node) => {
             if let Err(e) = node.close().await {
@@ -259,10 +273,16 @@ fn create_state_dir(path: &std::path::Path) -> Result<(), DaemonError> {
 fn warn_uncapped(registry: &Registry, require_cap: bool) {
     for (tool, command) in registry.commands_without_cap() {
         if require_cap {
-            warn!(tool, command, "command has no acl_cap and require_cap is on: it will be refused");
+            warn!(
+                tool,
+                command, "command has no acl_cap and require_cap is on: it will be refused"
+            );
         } else {
-            warn!(tool, command,
-                "command has no acl_cap: any peer that can reach this node may run it (set require_cap to refuse)");
+            warn!(
+                tool,
+                command,
+                "command has no acl_cap: any peer that can reach this node may run it (set require_cap to refuse)"
+            );
         }
     }
 }

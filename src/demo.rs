@@ -118,6 +118,13 @@ pub fn client_name(i: usize) -> String {
 /// When any step fails or the daemon answers something other than what the
 /// demo shows.
 pub async fn run_demo(exe: &Path) -> Result<(), DemoError> {
+    let launcher = crate::exec::default_launcher();
+    if !launcher.is_file() {
+        return Err(DemoError::Unexpected(format!(
+            "{} is missing: the daemon runs every command through it. `cargo build --release` builds it next to tailkitd",
+            launcher.display()
+        )));
+    }
     let dir = tempfile::Builder::new()
         .prefix("tailkitd-demo-")
         .tempdir()
@@ -155,7 +162,10 @@ pub async fn run_demo(exe: &Path) -> Result<(), DemoError> {
     for line in audit.lines() {
         say(&format!("  {}", summarize_audit(line)));
     }
-    say(&format!("\n(full audit log: {} lines)", audit.lines().count()));
+    say(&format!(
+        "\n(full audit log: {} lines)",
+        audit.lines().count()
+    ));
 
     alice.node.shutdown().await?;
     bob.node.shutdown().await?;
@@ -172,7 +182,9 @@ async fn demo_calls(alice: &Client, bob: &Client) -> Result<(), DemoError> {
     // capability shows in what the daemon lets her run.
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
-        let tools = alice.call(DAEMON_HOST, Call::get(DAEMON_HOST, "/tools")).await?;
+        let tools = alice
+            .call(DAEMON_HOST, Call::get(DAEMON_HOST, "/tools"))
+            .await?;
         if tools.text.contains("\"usage\"") {
             break;
         }
@@ -185,11 +197,17 @@ async fn demo_calls(alice: &Client, bob: &Client) -> Result<(), DemoError> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    step("1. alice (holds example.com/cap/x) runs disk/usage {\"path\": \"/etc\"}, waiting for the result");
+    step(
+        "1. alice (holds example.com/cap/x) runs disk/usage {\"path\": \"/etc\"}, waiting for the result",
+    );
     let r = alice
         .call(
             DAEMON_HOST,
-            Call::post_json(DAEMON_HOST, "/exec/disk/usage?wait=20s", &json!({"path": "/etc"})),
+            Call::post_json(
+                DAEMON_HOST,
+                "/exec/disk/usage?wait=20s",
+                &json!({"path": "/etc"}),
+            ),
         )
         .await?;
     show(&r);
@@ -199,7 +217,11 @@ async fn demo_calls(alice: &Client, bob: &Client) -> Result<(), DemoError> {
     let r = bob
         .call(
             DAEMON_HOST,
-            Call::post_json(DAEMON_HOST, "/exec/disk/usage?wait=20s", &json!({"path": "/etc"})),
+            Call::post_json(
+                DAEMON_HOST,
+                "/exec/disk/usage?wait=20s",
+                &json!({"path": "/etc"}),
+            ),
         )
         .await?;
     show(&r);
@@ -219,7 +241,9 @@ async fn demo_calls(alice: &Client, bob: &Client) -> Result<(), DemoError> {
     show(&r);
     expect(&r, 400, "")?;
 
-    step("4. bob runs system/uptime, a command without acl_cap (the daemon warned about it at start)");
+    step(
+        "4. bob runs system/uptime, a command without acl_cap (the daemon warned about it at start)",
+    );
     let r = bob
         .call(
             DAEMON_HOST,
@@ -240,7 +264,9 @@ async fn demo_calls(alice: &Client, bob: &Client) -> Result<(), DemoError> {
     expect(&r, 202, "accepted")?;
     let id = r.json["job_id"].as_str().unwrap_or_default().to_string();
     let path = format!("/exec/jobs/{id}?wait=20s");
-    let r = alice.call(DAEMON_HOST, Call::get(DAEMON_HOST, &path)).await?;
+    let r = alice
+        .call(DAEMON_HOST, Call::get(DAEMON_HOST, &path))
+        .await?;
     show(&r);
     expect(&r, 200, "completed")?;
 
@@ -307,9 +333,17 @@ impl Daemon {
         .await;
         let up_line = match up_line {
             Ok(Ok(Some(line))) => line,
-            Ok(Ok(None)) => return Err(DemoError::Unexpected("the daemon exited before it was up".into())),
+            Ok(Ok(None)) => {
+                return Err(DemoError::Unexpected(
+                    "the daemon exited before it was up".into(),
+                ));
+            }
             Ok(Err(e)) => return Err(io_err("reading the daemon's output")(e)),
-            Err(_) => return Err(DemoError::Unexpected("the daemon did not come up within 60 s".into())),
+            Err(_) => {
+                return Err(DemoError::Unexpected(
+                    "the daemon did not come up within 60 s".into(),
+                ));
+            }
         };
         // Keep draining its stdout so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -329,7 +363,9 @@ impl Daemon {
         if status.success() {
             Ok(())
         } else {
-            Err(DemoError::Unexpected(format!("the daemon exited with {status}")))
+            Err(DemoError::Unexpected(format!(
+                "the daemon exited with {status}"
+            )))
         }
     }
 }
@@ -480,7 +516,11 @@ fn resolve_client<'a>(nodes: &'a [Client], who: &str) -> Result<&'a Client, Demo
     nodes.iter().find(|c| c.name == who).ok_or_else(|| {
         DemoError::Unexpected(format!(
             "--grant {who}=...: no client named {who:?} (clients: {})",
-            nodes.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+            nodes
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     })
 }
@@ -495,7 +535,9 @@ pub fn parse_grant(s: &str) -> Result<(String, String), String> {
         Some((who, cap)) if !who.is_empty() && !cap.is_empty() => {
             Ok((who.to_string(), cap.to_string()))
         }
-        _ => Err(format!("{s:?}: want CLIENT=CAP, e.g. alice=example.com/cap/x")),
+        _ => Err(format!(
+            "{s:?}: want CLIENT=CAP, e.g. alice=example.com/cap/x"
+        )),
     }
 }
 

@@ -11,11 +11,20 @@
 //! - [`api`]: the HTTP routes, transport-agnostic: takes a resolved caller
 //!   identity per request and decides.
 //! - [`audit`]: the append-only JSON-lines audit log.
+//! - [`config`]: flags, environment, TOML config and defaults merged.
+//! - [`server`]: the accept loop on the tailnet listener.
+//! - [`daemon`]: `tailkitd run`, the pieces above put together.
+//! - [`client`]: a small HTTP client for the API over any stream.
+//! - `demo` (feature `localnet`): `tailkitd demo` and `tailkitd localnet`.
 #![deny(unsafe_code)]
 
 pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod daemon;
+#[cfg(feature = "localnet")]
+pub mod demo;
 pub mod exec;
+pub mod server;
 pub mod tailnet;

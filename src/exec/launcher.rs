@@ -1,7 +1,13 @@
 //! The launcher: a tiny supervisor the daemon starts instead of the command
-//! itself (`tailkitd __launch DAEMON_PID PROGRAM ARGV0 ARGS...`), so that
+//! itself (`tailkitd-launch DAEMON_PID PROGRAM ARGV0 ARGS...`), so that
 //! nothing a command started outlives a daemon killed with SIGKILL, without
 //! any `unsafe` `pre_exec` hook.
+//!
+//! It is its own small executable, installed next to `tailkitd`
+//! ([`LAUNCHER_NAME`]), not a subcommand of `tailkitd`: the `tailkitd`
+//! binary links the Go runtime, which starts several threads (about 20 MiB
+//! resident) in every process that loads it, before `main`, and those
+//! threads would also receive the signals meant for the command.
 //!
 //! The daemon forks the launcher from one long-lived spawner thread into a
 //! new process group, with the clean environment, stdin `/dev/null` and the
@@ -32,8 +38,8 @@ use nix::sys::signal::{SigSet, Signal, killpg, raise};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Pid, getpgrp, getppid};
 
-/// The hidden subcommand that runs the launcher.
-pub const LAUNCH_SUBCOMMAND: &str = "__launch";
+/// The launcher's file name; the daemon looks for it next to itself.
+pub const LAUNCHER_NAME: &str = "tailkitd-launch";
 
 /// Exit code of a launcher that could not even start the program (bad
 /// invocation, or the daemon died before the program started).
@@ -41,14 +47,11 @@ const LAUNCH_FAILED: i32 = 125;
 /// Exit code when the program could not be executed, as a shell reports it.
 const EXEC_FAILED: i32 = 127;
 
-/// Runs the launcher and exits if this process was started as one
-/// (`argv[1]` is [`LAUNCH_SUBCOMMAND`]); returns otherwise. Call it first
-/// thing in `main`, before any runtime or thread starts.
-pub fn run_if_requested() {
-    let mut args = std::env::args_os();
-    if args.nth(1).is_some_and(|a| a == LAUNCH_SUBCOMMAND) {
-        std::process::exit(launch(args.collect()));
-    }
+/// The launcher's `main`: runs it with this process's arguments and
+/// returns the exit code to exit with (the command's own, or 125 when the
+/// command could not be started at all).
+pub fn main_from_args() -> i32 {
+    launch(std::env::args_os().skip(1).collect())
 }
 
 /// Signals the launcher reads with `sigwait` instead of dying of them.
@@ -72,20 +75,20 @@ fn blocked_signals() -> SigSet {
 
 fn launch(args: Vec<OsString>) -> i32 {
     let [daemon_pid, program, argv0, rest @ ..] = args.as_slice() else {
-        eprintln!("tailkitd {LAUNCH_SUBCOMMAND}: usage: DAEMON_PID PROGRAM ARGV0 [ARGS...]");
+        eprintln!("{LAUNCHER_NAME}: usage: DAEMON_PID PROGRAM ARGV0 [ARGS...]");
         return LAUNCH_FAILED;
     };
     let Some(daemon_pid) = daemon_pid.to_str().and_then(|p| p.parse::<i32>().ok()) else {
-        eprintln!("tailkitd {LAUNCH_SUBCOMMAND}: bad daemon pid");
+        eprintln!("{LAUNCHER_NAME}: bad daemon pid");
         return LAUNCH_FAILED;
     };
     let signals = blocked_signals();
     if let Err(e) = signals.thread_block() {
-        eprintln!("tailkitd {LAUNCH_SUBCOMMAND}: cannot block signals: {e}");
+        eprintln!("{LAUNCHER_NAME}: cannot block signals: {e}");
         return LAUNCH_FAILED;
     }
     if let Err(e) = prctl::set_pdeathsig(Signal::SIGTERM) {
-        eprintln!("tailkitd {LAUNCH_SUBCOMMAND}: cannot set the parent-death signal: {e}");
+        eprintln!("{LAUNCHER_NAME}: cannot set the parent-death signal: {e}");
         return LAUNCH_FAILED;
     }
     // The daemon may have died between fork and prctl: then the signal will

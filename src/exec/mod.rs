@@ -5,7 +5,7 @@
 //!   validation; [`tool::validate_path`] backs `tailkitd validate`.
 //! - [`registry`]: the live, atomically swapped index of a tools directory.
 //! - [`runner`]: argument validation, argv substitution, running a process.
-//! - [`launcher`]: the `tailkitd __launch` supervisor between daemon and
+//! - [`launcher`]: the `tailkitd-launch` supervisor between daemon and
 //!   command.
 //! - [`jobs`]: the job store.
 //! - [`executor`]: admits, audits, runs and finishes jobs.
@@ -54,10 +54,8 @@ pub struct ExecSettings {
     pub max_value_bytes: usize,
     /// Largest `?wait=` (60 s).
     pub max_wait: Duration,
-    /// The `tailkitd` executable started as the launcher. The default,
-    /// `/proc/self/exe`, is the running daemon's own binary even after a
-    /// package upgrade replaced the file; tests point it at the built
-    /// `tailkitd`.
+    /// The `tailkitd-launch` executable started as each job's supervisor;
+    /// by default the one next to the running executable.
     pub launcher: PathBuf,
 }
 
@@ -75,9 +73,17 @@ impl Default for ExecSettings {
             max_body_bytes: 64 << 10,
             max_value_bytes: 4 << 10,
             max_wait: Duration::from_secs(60),
-            launcher: PathBuf::from("/proc/self/exe"),
+            launcher: default_launcher(),
         }
     }
+}
+
+/// Where the launcher is expected: next to the running executable.
+pub fn default_launcher() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(launcher::LAUNCHER_NAME)))
+        .unwrap_or_else(|| PathBuf::from(launcher::LAUNCHER_NAME))
 }
 
 impl ExecSettings {

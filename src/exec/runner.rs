@@ -23,7 +23,6 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{oneshot, watch};
 
-use super::launcher::LAUNCH_SUBCOMMAND;
 use super::tool::{Arg, ArgType, Command, Segment};
 
 /// The only PATH commands see, and the one bare program names are looked
@@ -257,8 +256,7 @@ impl CancelReason {
 /// Runner settings (see [`super::ExecSettings`] for the defaults).
 #[derive(Debug, Clone)]
 pub struct RunnerSettings {
-    /// The executable started as the launcher: a `tailkitd` binary
-    /// (`std::env::current_exe()` in the daemon).
+    /// The `tailkitd-launch` executable started as each job's supervisor.
     pub launcher: PathBuf,
     /// Time between SIGTERM and SIGKILL on timeout or cancel.
     pub kill_grace: Duration,
@@ -390,7 +388,6 @@ impl Runner {
 
         let mut command = tokio::process::Command::new(&self.settings.launcher);
         command
-            .arg(LAUNCH_SUBCOMMAND)
             .arg(std::process::id().to_string())
             .arg(&program)
             .args(&spec.argv)

@@ -1,0 +1,619 @@
+//! The daemon end to end: the real `tailkitd run` binary, spawned as a
+//! process, on the embedded local tailnet, called by real client nodes.
+//! alice holds `example.com/cap/x`; bob holds nothing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tailkitd::client::{Call, Response};
+use tailkitd::demo::Client;
+use tailkitd::tailnet::Localnet;
+
+const CAP: &str = "example.com/cap/x";
+const HOST: &str = "tkd";
+const LONG: Duration = Duration::from_secs(90);
+
+/// The tools every test daemon serves. `MARKER` becomes a file path that a
+/// command appends to, so a test can tell whether anything ran.
+const TOOLS: &str = r#"{
+  "name": "t",
+  "version": "1.0.0",
+  "tsnet_host": "ignored",
+  "commands": [
+    {"name": "echo", "description": "", "acl_cap": "example.com/cap/x",
+     "exec_parts": ["/bin/sh", "-c", "echo \"$1\"; echo echo >> MARKER", "sh", "{{.msg}}"],
+     "timeout": 10000000000,
+     "args": [{"name": "msg", "type": "string", "required": true, "pattern": "^[a-z ]+$"}]},
+    {"name": "open", "description": "no acl_cap", "acl_cap": "",
+     "exec_parts": ["/bin/sh", "-c", "echo open >> MARKER"], "timeout": 0},
+    {"name": "sleep", "description": "", "acl_cap": "example.com/cap/x",
+     "exec_parts": ["/bin/sh", "-c", "echo sleep >> MARKER; exec sleep \"$1\"", "sh", "{{.secs}}"],
+     "timeout": "5m",
+     "args": [{"name": "secs", "type": "int", "required": true}]},
+    {"name": "true", "description": "", "acl_cap": "example.com/cap/x",
+     "exec_parts": ["/bin/true"], "timeout": "10s"}
+  ]
+}"#;
+
+/// A local tailnet with alice (granted CAP) and bob, and a temp dir.
+struct Net {
+    localnet: Localnet,
+    dir: tempfile::TempDir,
+    alice: Client,
+    bob: Client,
+}
+
+impl Net {
+    async fn start() -> Net {
+        let dir = tempfile::tempdir().unwrap();
+        let localnet = Localnet::start().await.unwrap();
+        let alice = Client::join(&localnet, "alice", dir.path()).await.unwrap();
+        let bob = Client::join(&localnet, "bob", dir.path()).await.unwrap();
+        localnet.grant(&alice.ips, CAP).await.unwrap();
+        Net {
+            localnet,
+            dir,
+            alice,
+            bob,
+        }
+    }
+
+    fn marker(&self) -> PathBuf {
+        self.dir.path().join("marker")
+    }
+
+    /// What ran so far, one line per command start.
+    fn ran(&self) -> Vec<String> {
+        std::fs::read_to_string(self.marker())
+            .map(|s| s.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// Starts `tailkitd run` with the test tools and `extra` flags, and
+    /// waits for its "up" line and for alice's grant to reach it.
+    async fn daemon(&self, extra: &[&str]) -> Daemon {
+        let tools = self.dir.path().join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        let text = TOOLS.replace("MARKER", self.marker().to_str().unwrap());
+        std::fs::write(tools.join("t.json"), text).unwrap();
+        let audit = self.dir.path().join("audit.jsonl");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tailkitd"));
+        cmd.args(["run", "--hostname", HOST, "--config", "/dev/null"])
+            .arg("--state-dir")
+            .arg(self.dir.path().join("daemon-state"))
+            .arg("--tools-dir")
+            .arg(&tools)
+            .args(if extra.contains(&"--audit-log") {
+                vec![]
+            } else {
+                vec!["--audit-log".to_string(), audit.display().to_string()]
+            })
+            .arg("--control-url")
+            .arg(self.localnet.control_url())
+            .args(extra)
+            .env("TS_AUTHKEY", self.localnet.auth_key().unwrap())
+            .env("RUST_LOG", "tailkitd=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let up = tokio::task::spawn_blocking(move || {
+            let line = loop {
+                let line = rx.recv_timeout(LONG).expect("daemon printed no up line");
+                if line.starts_with("tailkitd up:") {
+                    break line;
+                }
+            };
+            (line, rx)
+        })
+        .await
+        .unwrap();
+        let daemon = Daemon {
+            child,
+            up_line: up.0,
+            audit,
+            _stdout: up.1,
+        };
+        daemon.wait_for_grant(&self.alice).await;
+        daemon
+    }
+}
+
+struct Daemon {
+    child: Child,
+    up_line: String,
+    audit: PathBuf,
+    _stdout: std::sync::mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Grants reach the daemon's netmap within moments: wait until alice's
+    /// capability shows in what the daemon lets her run.
+    async fn wait_for_grant(&self, alice: &Client) {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let r = alice.call(HOST, Call::get(HOST, "/tools")).await.unwrap();
+            if r.text.contains("\"sleep\"") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "grant never arrived: {}", r.text);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn audit_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    /// SIGTERM, and the exit status once it exits.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        kill(self.pid(), Signal::SIGTERM).unwrap();
+        wait_exit(&mut self.child, LONG).expect("daemon did not exit after SIGTERM")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+async fn post(c: &Client, path: &str, body: Value) -> Response {
+    c.call(HOST, Call::post_json(HOST, path, &body))
+        .await
+        .unwrap()
+}
+
+async fn get(c: &Client, path: &str) -> Response {
+    c.call(HOST, Call::get(HOST, path)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capable_client_runs_a_command_and_polls_the_result() {
+    let net = Net::start().await;
+    let daemon = net.daemon(&[]).await;
+    assert!(
+        daemon.up_line.contains(&format!("name={HOST}.")),
+        "{}",
+        daemon.up_line
+    );
+    assert!(
+        daemon.up_line.contains("port=80 tools=1 commands=4"),
+        "{}",
+        daemon.up_line
+    );
+
+    let r = post(&net.alice, "/exec/t/echo", json!({"msg": "hello tailnet"})).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(r.json["status"], "accepted");
+    let id = r.json["job_id"].as_str().unwrap().to_string();
+
+    let deadline = Instant::now() + LONG;
+    let result = loop {
+        let r = get(&net.alice, &format!("/exec/jobs/{id}")).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        if r.json["status"] == "completed" || r.json["status"] == "failed" {
+            break r.json;
+        }
+        assert!(Instant::now() < deadline, "job never finished: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(result["status"], "completed", "{result}");
+    assert_eq!(result["exit_code"], 0);
+    assert_eq!(result["stdout"], "hello tailnet\n");
+    assert_eq!(result["tool"], "t");
+    assert_eq!(result["command"], "echo");
+    assert_eq!(net.ran(), vec!["echo"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_without_the_capability_gets_403_and_nothing_runs() {
+    let net = Net::start().await;
+    let daemon = net.daemon(&[]).await;
+    for (path, body) in [
+        ("/exec/t/echo?wait=5s", json!({"msg": "hi"})),
+        ("/exec/t/sleep", json!({"secs": 1})),
+    ] {
+        let r = post(&net.bob, path, body).await;
+        assert_eq!(r.status, 403, "{}", r.text);
+        assert!(
+            r.json["error"].as_str().unwrap().contains(CAP),
+            "{}",
+            r.text
+        );
+    }
+    // bob's /tools lists only what he may run.
+    let tools = get(&net.bob, "/tools").await;
+    assert!(tools.text.contains("\"open\""), "{}", tools.text);
+    assert!(!tools.text.contains("\"echo\""), "{}", tools.text);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(net.ran().is_empty(), "something ran: {:?}", net.ran());
+    let denied: Vec<Value> = daemon
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "exec.denied")
+        .collect();
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert_eq!(denied[0]["caller"]["user"], Localnet::user_login("bob"));
+    assert!(denied[0]["reason"].as_str().unwrap().contains(CAP));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_cap_denies_commands_without_acl_cap() {
+    let net = Net::start().await;
+    let open = net.daemon(&[]).await;
+    let r = post(&net.bob, "/exec/t/open?wait=10s", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["status"], "completed");
+    assert_eq!(net.ran(), vec!["open"]);
+    drop(open);
+
+    let strict = net.daemon(&["--require-cap"]).await;
+    for who in [&net.alice, &net.bob] {
+        let r = post(who, "/exec/t/open?wait=10s", json!({})).await;
+        assert_eq!(r.status, 403, "{}", r.text);
+    }
+    assert_eq!(net.ran(), vec!["open"], "a refused command ran");
+    let tools = get(&net.alice, "/tools").await;
+    assert!(!tools.text.contains("\"open\""), "{}", tools.text);
+    drop(strict);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_read_or_cancel_anothers_job() {
+    let net = Net::start().await;
+    // bob needs the capability too, to own a job of his own.
+    net.localnet.grant(&net.bob.ips, CAP).await.unwrap();
+    let daemon = net.daemon(&[]).await;
+    daemon.wait_for_grant(&net.bob).await;
+
+    let r = post(&net.alice, "/exec/t/sleep", json!({"secs": 60})).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.json["job_id"].as_str().unwrap().to_string();
+    let path = format!("/exec/jobs/{id}");
+
+    let r = get(&net.bob, &path).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    let r = net.bob.call(HOST, Call::delete(HOST, &path)).await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.text);
+
+    let r = get(&net.alice, &path).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json["status"] == "running" || r.json["status"] == "accepted",
+        "{}",
+        r.text
+    );
+
+    let r = net
+        .alice
+        .call(HOST, Call::delete(HOST, &path))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = get(&net.alice, &format!("{path}?wait=20s")).await;
+    assert_eq!(r.json["status"], "cancelled", "{}", r.text);
+    assert_eq!(r.json["exit_code"], -1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_job_is_audited_accepted_then_finished() {
+    let net = Net::start().await;
+    let mut daemon = net.daemon(&[]).await;
+    let mut ids = Vec::new();
+    for msg in ["one", "two", "three"] {
+        let r = post(&net.alice, "/exec/t/echo?wait=10s", json!({"msg": msg})).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        ids.push(r.json["job_id"].as_str().unwrap().to_string());
+    }
+    let r = post(&net.alice, "/exec/t/echo", json!({"msg": "BAD!"})).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let r = post(&net.bob, "/exec/t/echo", json!({"msg": "hi"})).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    let r = post(&net.alice, "/exec/t/nope", json!({})).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert!(daemon.terminate().success());
+
+    let lines = daemon.audit_lines();
+    for id in &ids {
+        let events: Vec<&str> = lines
+            .iter()
+            .filter(|l| l["job_id"] == id.as_str())
+            .map(|l| l["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(events, ["exec.accepted", "exec.finished"], "job {id}");
+    }
+    let finished: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "exec.finished")
+        .collect();
+    assert!(
+        finished
+            .iter()
+            .all(|l| l["status"] == "completed" && l["exit_code"] == 0)
+    );
+    assert!(
+        finished
+            .iter()
+            .all(|l| l["stdout_bytes"].as_u64().unwrap() > 0)
+    );
+    let accepted = lines
+        .iter()
+        .find(|l| l["event"] == "exec.accepted")
+        .unwrap();
+    assert_eq!(accepted["caller"]["user"], Localnet::user_login("alice"));
+    assert_eq!(accepted["caller"]["ip"], net.alice.ips[0].to_string());
+    assert_eq!(accepted["args"]["msg"], "one");
+    let denied: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["event"] == "exec.denied")
+        .map(|l| l["http_status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(denied, [400, 403, 404]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_log_refuses_the_job_with_503() {
+    let net = Net::start().await;
+    let daemon = net.daemon(&["--audit-log", "/dev/full"]).await;
+    let r = post(&net.alice, "/exec/t/echo?wait=5s", json!({"msg": "hi"})).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert!(
+        r.json["error"].as_str().unwrap().contains("audit"),
+        "{}",
+        r.text
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(net.ran().is_empty(), "the job ran without its audit record");
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cancels_running_jobs_audits_them_and_exits_0() {
+    let net = Net::start().await;
+    let mut daemon = net.daemon(&["--shutdown-grace", "1s"]).await;
+    let r = post(&net.alice, "/exec/t/sleep", json!({"secs": 300})).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.json["job_id"].as_str().unwrap().to_string();
+    // Wait until the command really runs.
+    let deadline = Instant::now() + LONG;
+    while net.ran().is_empty() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sleeper = find_process_with_parent_chain(daemon.pid(), "sleep")
+        .expect("the sleep command is not running under the daemon");
+
+    let started = Instant::now();
+    let status = daemon.terminate();
+    assert!(status.success(), "{status:?}");
+    // Grace 1 s + the 5 s SIGTERM→SIGKILL grace at most, with room to spare.
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let finished = daemon
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "exec.finished" && l["job_id"] == id.as_str())
+        .expect("no exec.finished for the cancelled job");
+    assert_eq!(finished["status"], "cancelled", "{finished}");
+    assert_eq!(finished["exit_code"], -1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{sleeper}")).exists() && !is_zombie(sleeper) {
+        assert!(Instant::now() < deadline, "the command survived the daemon");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_listens_on_no_host_tcp_port() {
+    let net = Net::start().await;
+    let daemon = net.daemon(&[]).await;
+    // It serves on the tailnet...
+    let r = get(&net.alice, "/health").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json["status"], "ok");
+    // ...and holds no listening TCP socket on the host.
+    let inodes = socket_inodes(daemon.pid());
+    assert!(
+        !inodes.is_empty(),
+        "found no sockets at all: the check would be vacuous"
+    );
+    let listening = listening_tcp_inodes();
+    let ours: Vec<_> = inodes.intersection(&listening).collect();
+    assert!(
+        ours.is_empty(),
+        "the daemon listens on host TCP sockets {ours:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_go_sdk_request_shape_works() {
+    let net = Net::start().await;
+    let _daemon = net.daemon(&[]).await;
+    // What tailkit.Client sends: POST, Content-Type application/octet-stream,
+    // a JSON body, Host the daemon's short name.
+    let call = Call {
+        content_type: Some("application/octet-stream"),
+        ..Call::post_json(HOST, "/exec/t/echo", &json!({"msg": "from go"}))
+    };
+    let r = net.alice.call(HOST, call).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.json["job_id"].as_str().unwrap();
+    let r = get(&net.alice, &format!("/exec/jobs/{id}?wait=10s")).await;
+    assert_eq!(r.json["stdout"], "from go\n", "{}", r.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_short_commands_and_sighups_neither_crashes_nor_leaves_zombies() {
+    let net = Net::start().await;
+    let mut daemon = net.daemon(&["--max-jobs", "400"]).await;
+    let pid = daemon.pid();
+    let hups = std::thread::spawn(move || {
+        for _ in 0..200 {
+            if kill(pid, Signal::SIGHUP).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    });
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let node = net.alice.node.clone();
+        calls.spawn(async move {
+            let stream = node.dial(&format!("{HOST}:80")).await?;
+            tailkitd::client::send(
+                stream,
+                Call::post_json(HOST, "/exec/t/true?wait=30s", &json!({})),
+                LONG,
+            )
+            .await
+            .map_err(|e| tailkitd::tailnet::BridgeError::Io(std::io::Error::other(e)))
+        });
+    }
+    let mut completed = 0;
+    while let Some(r) = calls.join_next().await {
+        let r = r.unwrap().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.json["status"], "completed", "{}", r.text);
+        completed += 1;
+    }
+    assert!(
+        hups.join().unwrap(),
+        "the daemon died during the SIGHUP storm"
+    );
+    assert_eq!(completed, 300);
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon exited"
+    );
+    let r = get(&net.alice, "/health").await;
+    assert_eq!(r.status, 200);
+    // No zombies: every child the daemon started has been reaped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let zombies = zombie_children(pid);
+        if zombies.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "zombie children: {zombies:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(daemon.terminate().success());
+}
+
+// ---------------------------------------------------------------------------
+// /proc helpers
+
+fn socket_inodes(pid: Pid) -> HashSet<u64> {
+    let mut inodes = HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let Ok(target) = std::fs::read_link(entry.unwrap().path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|s| s.strip_suffix(']'))
+        {
+            inodes.insert(inode.parse().unwrap());
+        }
+    }
+    inodes
+}
+
+/// Inodes of TCP sockets in LISTEN state (st = 0A), IPv4 and IPv6.
+fn listening_tcp_inodes() -> HashSet<u64> {
+    let mut inodes = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > 9 && fields[3] == "0A" {
+                inodes.insert(fields[9].parse().unwrap());
+            }
+        }
+    }
+    inodes
+}
+
+fn proc_stat(pid: i32) -> Option<(char, i32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat[open + 1..close].to_string();
+    let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
+    Some((rest[0].chars().next()?, rest[1].parse().ok()?, comm))
+}
+
+fn is_zombie(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _, _)| state == 'Z')
+}
+
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+fn zombie_children(parent: Pid) -> Vec<i32> {
+    all_pids()
+        .into_iter()
+        .filter(|&p| proc_stat(p).is_some_and(|(s, pp, _)| s == 'Z' && pp == parent.as_raw()))
+        .collect()
+}
+
+/// A process named `comm` whose ancestors include `ancestor`.
+fn find_process_with_parent_chain(ancestor: Pid, comm: &str) -> Option<i32> {
+    let parents: BTreeMap<i32, (i32, String)> = all_pids()
+        .into_iter()
+        .filter_map(|p| proc_stat(p).map(|(_, pp, c)| (p, (pp, c))))
+        .collect();
+    parents.iter().find_map(|(&pid, (_, c))| {
+        if c != comm {
+            return None;
+        }
+        let mut cur = pid;
+        for _ in 0..10 {
+            let (pp, _) = parents.get(&cur)?;
+            if *pp == ancestor.as_raw() {
+                return Some(pid);
+            }
+            cur = *pp;
+        }
+        None
+    })
+}
