@@ -220,8 +220,10 @@ func newNode(cfg nodeConfig) *node {
 // A node whose control server is on loopback (the local tailnet) must not
 // wait for a network interface to come up: it needs none, and in a
 // loopback-only network namespace (where tests run) there is none, so tsnet
-// would pause its control client and magicsock forever. The knob is
-// process-wide.
+// would pause its control client and magicsock forever. Nor may it probe
+// the LAN gateway for port mappings (UPnP, NAT-PMP, PCP): a local tailnet
+// talks to nothing but loopback, also when `tailkitd demo` runs outside a
+// namespace. Both knobs are process-wide.
 func applyStartPolicy(cfg *nodeConfig) {
 	if !cfg.UploadLogs {
 		envknob.SetNoLogsNoSupport()
@@ -229,14 +231,16 @@ func applyStartPolicy(cfg *nodeConfig) {
 		emit("bridge", fmt.Sprintf("node %q asked to upload logs, but log upload is already off in this process", cfg.Hostname))
 	}
 	if cfg.controlIsLoopback() {
-		assumeNetworkUp()
+		configureForLoopbackControl()
 	}
 }
 
-// assumeNetworkUp tells tsnet (control client and magicsock) to consider the
-// network up even when no interface but loopback has an address.
-func assumeNetworkUp() {
+// configureForLoopbackControl tells tsnet (control client and magicsock) to
+// consider the network up even when no interface but loopback has an
+// address, and turns the port mapper off.
+func configureForLoopbackControl() {
 	envknob.Setenv("TS_ASSUME_NETWORK_UP_FOR_TEST", "true")
+	envknob.Setenv("TS_DISABLE_PORTMAPPER", "true")
 }
 
 func (c *nodeConfig) controlIsLoopback() bool {

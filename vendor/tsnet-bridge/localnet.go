@@ -82,7 +82,7 @@ func startLocalnet(opts localnetOpts) (_ *localnet, err error) {
 	// As tsnet's own tests do: no socket marks or interface binding.
 	netns.SetEnabled(false)
 	// Everything is on loopback: no other interface needs to be up.
-	assumeNetworkUp()
+	configureForLoopbackControl()
 
 	l := &localnet{done: make(chan struct{}), wake: make(chan struct{})}
 	defer func() {
