@@ -4,8 +4,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -13,7 +16,7 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tailkitd::client::{Call, Response};
 use tailkitd::demo::Client;
-use tailkitd::tailnet::Localnet;
+use tailkitd::tailnet::{Localnet, LocalnetOptions};
 
 const CAP: &str = "example.com/cap/x";
 const HOST: &str = "tkd";
@@ -78,15 +81,79 @@ impl Net {
     /// Starts `tailkitd run` with the test tools and `extra` flags, and
     /// waits for its "up" line and for alice's grant to reach it.
     async fn daemon(&self, extra: &[&str]) -> Daemon {
-        let tools = self.dir.path().join("tools");
-        std::fs::create_dir_all(&tools).unwrap();
-        let text = TOOLS.replace("MARKER", self.marker().to_str().unwrap());
-        std::fs::write(tools.join("t.json"), text).unwrap();
-        let audit = self.dir.path().join("audit.jsonl");
+        let daemon = Daemon::spawn(
+            self.dir.path(),
+            self.localnet.control_url(),
+            self.localnet.auth_key(),
+            extra,
+        );
+        daemon.wait_up().await;
+        daemon.wait_for_grant(&self.alice).await;
+        daemon
+    }
+}
+
+/// Writes the test tools into `dir/tools`, commands appending to
+/// `dir/marker`.
+fn write_tools(dir: &Path) -> PathBuf {
+    let tools = dir.join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    let marker = dir.join("marker");
+    let text = TOOLS.replace("MARKER", marker.to_str().unwrap());
+    std::fs::write(tools.join("t.json"), text).unwrap();
+    tools
+}
+
+/// Reads a child's output lines on a thread, into a channel.
+fn line_reader(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// The first line from `lines` that satisfies `pick`, within `LONG`.
+async fn next_line(
+    lines: &Mutex<Receiver<String>>,
+    what: &str,
+    pick: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let got = lines.lock().unwrap().try_recv();
+        match got {
+            Ok(line) if pick(&line) => return line,
+            Ok(_) => {}
+            Err(TryRecvError::Empty) => {
+                assert!(Instant::now() < deadline, "no {what} within {LONG:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(TryRecvError::Disconnected) => panic!("the process ended before printing {what}"),
+        }
+    }
+}
+
+struct Daemon {
+    child: Child,
+    audit: PathBuf,
+    stdout: Mutex<Receiver<String>>,
+    stderr: Option<Mutex<Receiver<String>>>,
+    up_line: std::sync::OnceLock<String>,
+}
+impl Daemon {
+    /// Spawns `tailkitd run` as `HOST` with state, tools and audit log in
+    /// `dir` (unless `extra` names its own `--audit-log`). With no auth key
+    /// the daemon's stderr is captured (it prints the login URL there).
+    fn spawn(dir: &Path, control_url: &str, auth_key: Option<&str>, extra: &[&str]) -> Daemon {
+        let tools = write_tools(dir);
+        let audit = dir.join("audit.jsonl");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tailkitd"));
         cmd.args(["run", "--hostname", HOST, "--config", "/dev/null"])
             .arg("--state-dir")
-            .arg(self.dir.path().join("daemon-state"))
+            .arg(dir.join("daemon-state"))
             .arg("--tools-dir")
             .arg(&tools)
             .args(if extra.contains(&"--audit-log") {
@@ -95,51 +162,42 @@ impl Net {
                 vec!["--audit-log".to_string(), audit.display().to_string()]
             })
             .arg("--control-url")
-            .arg(self.localnet.control_url())
+            .arg(control_url)
             .args(extra)
-            .env("TS_AUTHKEY", self.localnet.auth_key().unwrap())
+            .env_remove("TS_AUTHKEY")
+            .env_remove("TS_AUTHKEY_FILE")
             .env("RUST_LOG", "tailkitd=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(if auth_key.is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            });
+        if let Some(key) = auth_key {
+            cmd.env("TS_AUTHKEY", key);
+        }
         let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let up = tokio::task::spawn_blocking(move || {
-            let line = loop {
-                let line = rx.recv_timeout(LONG).expect("daemon printed no up line");
-                if line.starts_with("tailkitd up:") {
-                    break line;
-                }
-            };
-            (line, rx)
-        })
-        .await
-        .unwrap();
-        let daemon = Daemon {
+        let stdout = Mutex::new(line_reader(child.stdout.take().unwrap()));
+        let stderr = child.stderr.take().map(|e| Mutex::new(line_reader(e)));
+        Daemon {
             child,
-            up_line: up.0,
             audit,
-            _stdout: up.1,
-        };
-        daemon.wait_for_grant(&self.alice).await;
-        daemon
+            stdout,
+            stderr,
+            up_line: std::sync::OnceLock::new(),
+        }
     }
-}
 
-struct Daemon {
-    child: Child,
-    up_line: String,
-    audit: PathBuf,
-    _stdout: std::sync::mpsc::Receiver<String>,
-}
+    /// Waits for the "up" line and returns it.
+    async fn wait_up(&self) -> &str {
+        if self.up_line.get().is_none() {
+            let line = next_line(&self.stdout, "up line", |l| l.starts_with("tailkitd up:")).await;
+            let _ = self.up_line.set(line);
+        }
+        self.up_line.get().unwrap()
+    }
 
-impl Daemon {
     fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
     }
@@ -205,16 +263,9 @@ async fn get(c: &Client, path: &str) -> Response {
 async fn capable_client_runs_a_command_and_polls_the_result() {
     let net = Net::start().await;
     let daemon = net.daemon(&[]).await;
-    assert!(
-        daemon.up_line.contains(&format!("name={HOST}.")),
-        "{}",
-        daemon.up_line
-    );
-    assert!(
-        daemon.up_line.contains("port=80 tools=1 commands=4"),
-        "{}",
-        daemon.up_line
-    );
+    let up = daemon.wait_up().await;
+    assert!(up.contains(&format!("name={HOST}.")), "{up}");
+    assert!(up.contains("port=80 tools=1 commands=4"), "{up}");
 
     let r = post(&net.alice, "/exec/t/echo", json!({"msg": "hello tailnet"})).await;
     assert_eq!(r.status, 202, "{}", r.text);
@@ -532,6 +583,246 @@ async fn a_storm_of_short_commands_and_sighups_neither_crashes_nor_leaves_zombie
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(daemon.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_audit_log() {
+    let net = Net::start().await;
+    let daemon = net.daemon(&[]).await;
+    let r = post(
+        &net.alice,
+        "/exec/t/echo?wait=10s",
+        json!({"msg": "before"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let rotated = daemon.audit.with_extension("jsonl.1");
+    std::fs::rename(&daemon.audit, &rotated).unwrap();
+    kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + LONG;
+    while !daemon.audit.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reopen the audit log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = post(&net.alice, "/exec/t/echo?wait=10s", json!({"msg": "after"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert_eq!(old.lines().count(), 2, "{old}");
+    assert!(old.contains("\"before\""));
+    let new = daemon.audit_lines();
+    let events: Vec<&str> = new.iter().map(|l| l["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["exec.accepted", "exec.finished"]);
+    assert_eq!(new[0]["args"]["msg"], "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_log_of_dash_goes_to_stdout() {
+    let net = Net::start().await;
+    let daemon = net.daemon(&["--audit-log", "-"]).await;
+    let r = post(
+        &net.alice,
+        "/exec/t/echo?wait=10s",
+        json!({"msg": "to stdout"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let id = r.json["job_id"].as_str().unwrap().to_string();
+    for event in ["exec.accepted", "exec.finished"] {
+        let line = next_line(&daemon.stdout, event, |l| l.contains(event)).await;
+        let v: Value = serde_json::from_str(&line).expect("an audit line on stdout is JSON");
+        assert_eq!(v["job_id"], id.as_str());
+    }
+}
+
+/// Starts a daemon with no auth key on an interactive-login tailnet and
+/// returns it once up, approving its login URL if it prints one (and
+/// whether it did).
+async fn daemon_logged_in(localnet: &Localnet, dir: &Path, extra: &[&str]) -> (Daemon, bool) {
+    let daemon = Daemon::spawn(dir, localnet.control_url(), None, extra);
+    let deadline = Instant::now() + LONG;
+    let mut asked = false;
+    loop {
+        let out = daemon.stdout.lock().unwrap().try_recv();
+        if let Ok(line) = out
+            && line.starts_with("tailkitd up:")
+        {
+            let _ = daemon.up_line.set(line);
+            return (daemon, asked);
+        }
+        let urls: Vec<String> = daemon
+            .stderr
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .try_iter()
+            .filter(|l| l.trim_start().starts_with("http"))
+            .collect();
+        for url in urls {
+            localnet.approve_login(url.trim()).await.unwrap();
+            asked = true;
+        }
+        assert!(Instant::now() < deadline, "the daemon never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ephemeral_daemon_logs_out_when_it_stops() {
+    let localnet = Localnet::start_with(LocalnetOptions {
+        interactive_login: true,
+    })
+    .await
+    .unwrap();
+    // A regular node keeps its identity across a restart...
+    let regular = tempfile::tempdir().unwrap();
+    let (mut d, asked) = daemon_logged_in(&localnet, regular.path(), &[]).await;
+    assert!(asked, "a new node must log in");
+    assert!(d.terminate().success());
+    let (mut d, asked) = daemon_logged_in(&localnet, regular.path(), &[]).await;
+    assert!(!asked, "a regular node lost its login on restart");
+    assert!(d.terminate().success());
+    // ...an ephemeral one logs out when it stops (tsnet does so on close,
+    // which the daemon waits for): it must log in anew. A real control
+    // server deletes the node at that logout.
+    let ephemeral = tempfile::tempdir().unwrap();
+    let (mut d, asked) = daemon_logged_in(&localnet, ephemeral.path(), &["--ephemeral"]).await;
+    assert!(asked, "a new node must log in");
+    assert!(d.terminate().success());
+    let (mut d, asked) = daemon_logged_in(&localnet, ephemeral.path(), &["--ephemeral"]).await;
+    assert!(
+        asked,
+        "the ephemeral node was still logged in after it stopped"
+    );
+    assert!(d.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_auth_key_the_login_url_is_printed_and_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let localnet = Localnet::start_with(LocalnetOptions {
+        interactive_login: true,
+    })
+    .await
+    .unwrap();
+    let daemon = Daemon::spawn(dir.path(), localnet.control_url(), None, &[]);
+    let stderr = daemon.stderr.as_ref().unwrap();
+    let line = next_line(stderr, "login URL", |l| l.trim_start().starts_with("http")).await;
+    let url = line.trim().to_string();
+    // Not up before someone logs in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        daemon.stdout.lock().unwrap().try_recv().is_err(),
+        "up without login"
+    );
+    localnet.approve_login(&url).await.unwrap();
+    let up = daemon.wait_up().await;
+    assert!(up.contains(&format!("name={HOST}.")), "{up}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localnet_command_lets_curl_call_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut localnet = Command::new(env!("CARGO_BIN_EXE_tailkitd"))
+        .args([
+            "localnet",
+            "--clients",
+            "2",
+            "--grant",
+            "alice=example.com/cap/x",
+        ])
+        .env("RUST_LOG", "tailkitd=warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Mutex::new(line_reader(localnet.stdout.take().unwrap()));
+    let info: Value =
+        serde_json::from_str(&next_line(&lines, "localnet JSON", |l| l.starts_with('{')).await)
+            .unwrap();
+    let control = info["control_url"].as_str().unwrap();
+    let key = info["auth_key"].as_str();
+    let clients = info["clients"].as_array().unwrap();
+    assert_eq!(clients.len(), 2);
+    assert_eq!(clients[0]["name"], "alice");
+    assert_eq!(clients[1]["user"], "bob@localnet");
+
+    let daemon = Daemon::spawn(dir.path(), control, key, &[]);
+    daemon.wait_up().await;
+    let curl = |client: &Value, args: &[&str]| {
+        let proxy_user = format!(
+            "{}:{}",
+            client["socks5_user"].as_str().unwrap(),
+            client["socks5_password"].as_str().unwrap()
+        );
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--socks5-hostname"])
+            .arg(client["socks5"].as_str().unwrap())
+            .args(["--proxy-user", &proxy_user])
+            .args(args)
+            .output()
+            .expect("curl is installed");
+        assert!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let deadline = Instant::now() + LONG;
+    loop {
+        let tools = curl(&clients[0], &[&format!("http://{HOST}/tools")]);
+        if tools.contains("\"echo\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice's grant never arrived: {tools}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("http://{HOST}/exec/t/echo?wait=10s");
+    let ran = curl(&clients[0], &["--json", r#"{"msg":"via curl"}"#, &url]);
+    let ran: Value = serde_json::from_str(&ran).unwrap();
+    assert_eq!(ran["status"], "completed", "{ran}");
+    assert_eq!(ran["stdout"], "via curl\n");
+    let denied = curl(&clients[1], &["--json", r#"{"msg":"via curl"}"#, &url]);
+    assert!(denied.contains(CAP), "{denied}");
+    // A browser-style form post is refused before anything runs.
+    let form = curl(&clients[0], &["-d", "msg=hi", &url]);
+    assert!(form.contains("curl --json"), "{form}");
+
+    kill(Pid::from_raw(localnet.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut localnet, LONG).expect("localnet did not stop on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    drop(daemon);
+}
+
+#[test]
+fn demo_runs_end_to_end_and_exits_0() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tailkitd"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "403 Forbidden",
+        "400 Bad Request",
+        "exec.accepted",
+        "exec.denied",
+        "exec.finished",
+        "demo finished",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
 }
 
 // ---------------------------------------------------------------------------
