@@ -261,14 +261,16 @@ impl JobStore {
     }
 
     /// Forgets an admitted job that will never run (its acceptance could not
-    /// be recorded), freeing its slot.
+    /// be recorded), freeing its slot. A terminal job is left alone: it has
+    /// run, and its result is listed for expiry.
     pub fn abandon(&self, id: Uuid) {
         let mut state = self.shared.lock();
         if state
             .jobs
-            .remove(&id)
+            .get(&id)
             .is_some_and(|job| !job.status.is_terminal())
         {
+            state.jobs.remove(&id);
             state.active -= 1;
             self.shared.active.send_replace(state.active);
         }
@@ -532,6 +534,16 @@ mod tests {
         store.abandon(b.id);
         assert!(store.get(b.id, &alice()).is_none());
         assert_eq!(store.active(), 1);
+    }
+
+    #[tokio::test]
+    async fn abandoning_a_finished_job_keeps_its_result() {
+        let store = JobStore::new(limits());
+        let a = store.admit(alice().owner(), "t", "c").unwrap();
+        store.finish(a.id, done(a.id, JobStatus::Completed));
+        store.abandon(a.id);
+        assert_eq!(store.get(a.id, &alice()).unwrap().stdout, "out");
+        assert_eq!(store.active(), 0);
     }
 
     #[tokio::test]
