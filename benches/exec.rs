@@ -103,6 +103,7 @@ fn job_store(c: &mut Criterion) {
         max_running: 16,
         ttl: std::time::Duration::from_secs(3600),
         max_retained: 100_000,
+        max_retained_output_bytes: ExecSettings::default().max_retained_output_bytes,
     });
     let owner = alice();
     let mut ids = Vec::with_capacity(100_000);

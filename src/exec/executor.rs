@@ -59,6 +59,7 @@ impl Executor {
             max_running: settings.max_jobs,
             ttl: settings.job_ttl,
             max_retained: settings.max_retained,
+            max_retained_output_bytes: settings.max_retained_output_bytes,
         });
         let runner = Runner::new(settings.runner_settings());
         Executor {

@@ -1,8 +1,8 @@
 //! The job store: every job from acceptance until its result expires.
 //! States `accepted` → `running` → `completed` / `failed` / `cancelled`,
 //! the owner who may see it, waiters for `?wait=`, cancellation, at most N
-//! jobs running, finished results kept for a TTL counted from completion and
-//! at most M of them (oldest evicted first).
+//! jobs running, finished results kept for a TTL counted from completion, at
+//! most M of them and at most B bytes of their output (oldest evicted first).
 //!
 //! The shape is mini-redis's `db.rs`: shared state behind a std `Mutex`
 //! (never held across an `.await`), expirations purged by one background
@@ -108,6 +108,9 @@ pub struct JobLimits {
     pub ttl: Duration,
     /// How many finished results are kept at most.
     pub max_retained: usize,
+    /// Total stdout + stderr bytes of the finished results kept. The result
+    /// just finished is kept even if it alone is larger.
+    pub max_retained_output_bytes: usize,
 }
 
 /// Why a job was not admitted.
@@ -152,6 +155,9 @@ struct State {
     /// Finished jobs in finish order with their expiry; since the TTL is the
     /// same for all, this is also expiry order.
     finished: VecDeque<(Instant, Uuid)>,
+    /// Sum of [`output_bytes`] over the results in `jobs`; changed only by
+    /// [`State::push_finished`] and [`State::remove`].
+    output_bytes: usize,
     /// Jobs accepted or running.
     active: usize,
     shutting_down: bool,
@@ -261,14 +267,16 @@ impl JobStore {
     }
 
     /// Forgets an admitted job that will never run (its acceptance could not
-    /// be recorded), freeing its slot.
+    /// be recorded), freeing its slot. A terminal job is left alone: it has
+    /// run, and its result is listed for expiry.
     pub fn abandon(&self, id: Uuid) {
         let mut state = self.shared.lock();
         if state
             .jobs
-            .remove(&id)
+            .get(&id)
             .is_some_and(|job| !job.status.is_terminal())
         {
+            state.remove(id);
             state.active -= 1;
             self.shared.active.send_replace(state.active);
         }
@@ -285,7 +293,8 @@ impl JobStore {
     }
 
     /// Stores the terminal `result`, frees the job's slot, wakes its waiters
-    /// and starts its TTL; evicts the oldest finished results past the cap.
+    /// and starts its TTL; evicts the oldest finished results past the count
+    /// cap or the output budget (never this one for the budget).
     pub fn finish(&self, id: Uuid, result: JobResult) {
         let status = result.status;
         debug_assert!(status.is_terminal());
@@ -297,16 +306,19 @@ impl JobStore {
             return;
         }
         job.status = status;
-        job.result = Some(Arc::new(result));
         job.updates.send_replace(status);
         state.active -= 1;
         self.shared.active.send_replace(state.active);
-        let expires = Instant::now() + self.shared.limits.ttl;
         let was_empty = state.finished.is_empty();
-        state.finished.push_back((expires, id));
-        while state.finished.len() > self.shared.limits.max_retained {
-            if let Some((_, old)) = state.finished.pop_front() {
-                state.jobs.remove(&old);
+        state.push_finished(id, result, Instant::now() + self.shared.limits.ttl);
+        let limits = &self.shared.limits;
+        // `len() > 1`: the result just stored (the newest) stays even when it
+        // alone is over the budget, so its caller can read it.
+        while state.finished.len() > limits.max_retained
+            || (state.output_bytes > limits.max_retained_output_bytes && state.finished.len() > 1)
+        {
+            if !state.evict_oldest() {
+                break;
             }
         }
         drop(state);
@@ -418,6 +430,48 @@ impl Drop for JobStore {
     }
 }
 
+/// What a result counts against [`JobLimits::max_retained_output_bytes`]:
+/// its output as stored.
+fn output_bytes(result: &JobResult) -> usize {
+    result.stdout.len() + result.stderr.len()
+}
+
+impl State {
+    /// Stores `result` as job `id`'s and lists it as the newest finished
+    /// result, expiring at `expires`.
+    fn push_finished(&mut self, id: Uuid, result: JobResult, expires: Instant) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        debug_assert!(job.result.is_none());
+        self.output_bytes += output_bytes(&result);
+        if let Some(old) = job.result.replace(Arc::new(result)) {
+            self.output_bytes -= output_bytes(&old);
+        }
+        self.finished.push_back((expires, id));
+    }
+
+    /// Removes job `id`. Every removal goes through here, so
+    /// `output_bytes` stays exact.
+    fn remove(&mut self, id: Uuid) -> Option<Job> {
+        let job = self.jobs.remove(&id)?;
+        if let Some(result) = &job.result {
+            self.output_bytes -= output_bytes(result);
+        }
+        Some(job)
+    }
+
+    /// Removes the oldest finished result (TTL purge, count cap, output
+    /// budget); returns whether there was one.
+    fn evict_oldest(&mut self) -> bool {
+        let Some((_, id)) = self.finished.pop_front() else {
+            return false;
+        };
+        self.remove(id);
+        true
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the state consistent before any
@@ -432,12 +486,11 @@ impl Shared {
             return None;
         }
         let now = Instant::now();
-        while let Some(&(when, id)) = state.finished.front() {
+        while let Some(&(when, _)) = state.finished.front() {
             if when > now {
                 return Some(when);
             }
-            state.finished.pop_front();
-            state.jobs.remove(&id);
+            state.evict_oldest();
         }
         None
     }
@@ -470,7 +523,47 @@ mod tests {
             max_running: 2,
             ttl: Duration::from_secs(300),
             max_retained: 3,
+            max_retained_output_bytes: 1 << 20,
         }
+    }
+
+    /// Limits where the output budget (100 bytes) binds before the count.
+    fn budget_limits() -> JobLimits {
+        JobLimits {
+            max_retained: 10,
+            max_retained_output_bytes: 100,
+            ..limits()
+        }
+    }
+
+    /// The store's output byte total, checked against a recount.
+    fn output_bytes_held(store: &JobStore) -> usize {
+        let state = store.shared.lock();
+        let recount: usize = state
+            .jobs
+            .values()
+            .filter_map(|j| j.result.as_deref())
+            .map(output_bytes)
+            .sum();
+        assert_eq!(state.output_bytes, recount, "accounting drifted");
+        state.output_bytes
+    }
+
+    /// Runs a job to completion with `bytes` of output, split over both
+    /// streams.
+    fn finish_with_output(store: &JobStore, bytes: usize) -> Uuid {
+        let j = store.admit(alice().owner(), "t", "c").unwrap();
+        let mut result = done(j.id, JobStatus::Completed);
+        result.stdout = "o".repeat(bytes / 2);
+        result.stderr = "e".repeat(bytes - bytes / 2);
+        store.finish(j.id, result);
+        j.id
+    }
+
+    fn kept(store: &JobStore, ids: &[Uuid]) -> Vec<bool> {
+        ids.iter()
+            .map(|id| store.get(*id, &alice()).is_some())
+            .collect()
     }
 
     fn alice() -> Identity {
@@ -532,6 +625,16 @@ mod tests {
         store.abandon(b.id);
         assert!(store.get(b.id, &alice()).is_none());
         assert_eq!(store.active(), 1);
+    }
+
+    #[tokio::test]
+    async fn abandoning_a_finished_job_keeps_its_result() {
+        let store = JobStore::new(limits());
+        let a = store.admit(alice().owner(), "t", "c").unwrap();
+        store.finish(a.id, done(a.id, JobStatus::Completed));
+        store.abandon(a.id);
+        assert_eq!(store.get(a.id, &alice()).unwrap().stdout, "out");
+        assert_eq!(store.active(), 0);
     }
 
     #[tokio::test]
@@ -609,6 +712,85 @@ mod tests {
             .map(|id| store.get(*id, &alice()).is_some())
             .collect();
         assert_eq!(kept, [false, false, true, true, true]);
+    }
+
+    #[tokio::test]
+    async fn the_oldest_results_are_evicted_past_the_output_budget() {
+        let store = JobStore::new(budget_limits());
+        let running = store.admit(alice().owner(), "t", "c").unwrap();
+        store.set_running(running.id, SystemTime::now());
+        let mut ids = vec![
+            finish_with_output(&store, 40),
+            finish_with_output(&store, 40),
+        ];
+        assert_eq!(output_bytes_held(&store), 80);
+        ids.push(finish_with_output(&store, 30));
+        assert_eq!(kept(&store, &ids), [false, true, true]);
+        assert_eq!(output_bytes_held(&store), 70);
+        ids.push(finish_with_output(&store, 50));
+        assert_eq!(kept(&store, &ids), [false, false, true, true]);
+        assert_eq!(output_bytes_held(&store), 80);
+        let still = store.get(running.id, &alice()).unwrap();
+        assert_eq!(still.status, JobStatus::Running, "running jobs stay");
+    }
+
+    #[tokio::test]
+    async fn a_result_alone_over_the_budget_is_kept_until_the_next_one() {
+        let store = JobStore::new(budget_limits());
+        let small = finish_with_output(&store, 30);
+        let big = finish_with_output(&store, 500);
+        assert!(store.get(small, &alice()).is_none());
+        let r = store.get(big, &alice()).unwrap();
+        assert_eq!(r.stdout.len() + r.stderr.len(), 500);
+        assert_eq!(output_bytes_held(&store), 500);
+        let next = finish_with_output(&store, 10);
+        assert_eq!(kept(&store, &[big, next]), [false, true]);
+        assert_eq!(output_bytes_held(&store), 10);
+    }
+
+    #[tokio::test]
+    async fn the_count_cap_and_the_budget_evict_together() {
+        let store = JobStore::new(JobLimits {
+            max_retained: 3,
+            ..budget_limits()
+        });
+        let mut ids: Vec<Uuid> = (0..4).map(|_| finish_with_output(&store, 10)).collect();
+        assert_eq!(kept(&store, &ids), [false, true, true, true], "count");
+        assert_eq!(output_bytes_held(&store), 30);
+        // 120 bytes in 4 results: the count evicts one, the budget one more;
+        // exactly the budget is allowed.
+        ids.push(finish_with_output(&store, 90));
+        assert_eq!(kept(&store, &ids), [false, false, false, true, true]);
+        assert_eq!(output_bytes_held(&store), 100);
+        ids.push(finish_with_output(&store, 1));
+        assert_eq!(kept(&store, &ids), [false, false, false, false, true, true]);
+        assert_eq!(output_bytes_held(&store), 91);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_bytes_return_to_zero_once_every_result_expired() {
+        let store = JobStore::new(JobLimits {
+            max_retained: 4,
+            ..budget_limits()
+        });
+        let first: Vec<Uuid> = (0..4).map(|_| finish_with_output(&store, 10)).collect();
+        let abandoned = store.admit(alice().owner(), "t", "c").unwrap();
+        store.abandon(abandoned.id);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        // The count cap evicts two of the first, the budget a third.
+        let later = [
+            finish_with_output(&store, 30),
+            finish_with_output(&store, 60),
+        ];
+        assert_eq!(kept(&store, &first), [false, false, false, true]);
+        assert_eq!(output_bytes_held(&store), 100);
+        tokio::time::sleep(Duration::from_secs(201)).await;
+        assert_eq!(kept(&store, &first), [false; 4], "expired");
+        assert_eq!(kept(&store, &later), [true, true]);
+        assert_eq!(output_bytes_held(&store), 90);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert_eq!(output_bytes_held(&store), 0);
+        assert!(store.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

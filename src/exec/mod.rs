@@ -48,6 +48,9 @@ pub struct ExecSettings {
     pub job_ttl: Duration,
     /// Finished results kept at most (10 000).
     pub max_retained: usize,
+    /// Total stdout + stderr bytes of the finished results kept (256 MiB);
+    /// the oldest are evicted past it, never the result just finished.
+    pub max_retained_output_bytes: usize,
     /// Largest request body (64 KiB).
     pub max_body_bytes: usize,
     /// Largest argument value (4 KiB).
@@ -70,6 +73,7 @@ impl Default for ExecSettings {
             max_jobs: 16,
             job_ttl: Duration::from_secs(300),
             max_retained: 10_000,
+            max_retained_output_bytes: 256 << 20,
             max_body_bytes: 64 << 10,
             max_value_bytes: 4 << 10,
             max_wait: Duration::from_secs(60),
