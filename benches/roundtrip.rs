@@ -1,0 +1,166 @@
+//! One exec between two nodes on the embedded local tailnet: a client node
+//! POSTs `/exec/t/true?wait=10s` to a real `tailkitd run` process and reads
+//! the completed result. Prints the distribution of 100 round trips (after
+//! 10 warm-up calls), each on a new tailnet connection as a fresh Go SDK
+//! client would open, and the same over one kept-alive connection.
+//!
+//! Run inside a loopback-only namespace (`scripts/bench roundtrip`).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tailkitd::client::{self, Call};
+use tailkitd::demo::Client;
+use tailkitd::tailnet::Localnet;
+
+const HOST: &str = "tkd-bench";
+const CAP: &str = "example.com/cap/x";
+const CALLS: usize = 100;
+const WARMUP: usize = 10;
+const TOOL: &str = r#"{"name": "t", "version": "1", "commands": [
+  {"name": "true", "acl_cap": "example.com/cap/x", "exec_parts": ["/bin/true"], "timeout": "10s"}
+]}"#;
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run());
+}
+
+async fn run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let localnet = Localnet::start().await.expect("local tailnet");
+    let alice = Client::join(&localnet, "alice", dir.path())
+        .await
+        .expect("client node");
+    localnet.grant(&alice.ips, CAP).await.expect("grant");
+
+    let tools = dir.path().join("tools");
+    std::fs::create_dir(&tools).expect("tools dir");
+    std::fs::write(tools.join("t.json"), TOOL).expect("tool file");
+    let mut daemon = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_tailkitd"))
+            .args(["run", "--hostname", HOST, "--config", "/dev/null"])
+            .arg("--state-dir")
+            .arg(dir.path().join("daemon"))
+            .arg("--tools-dir")
+            .arg(&tools)
+            .args(["--control-url", localnet.control_url()])
+            .env("TS_AUTHKEY", localnet.auth_key().unwrap_or_default())
+            .env("RUST_LOG", "tailkitd=warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tailkitd run"),
+    );
+    let stdout = daemon.0.stdout.take().expect("stdout");
+    let up = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("tailkitd up:"))
+        .expect("the daemon came up");
+    eprintln!("{up}");
+
+    // Wait for the grant to reach the daemon.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = alice
+            .call(HOST, Call::get(HOST, "/tools"))
+            .await
+            .expect("GET /tools");
+        if r.text.contains("\"true\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "grant never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut fresh = Vec::with_capacity(CALLS);
+    for i in 0..WARMUP + CALLS {
+        let t0 = Instant::now();
+        let stream = alice.node.dial(&format!("{HOST}:80")).await.expect("dial");
+        let r = client::send(
+            stream,
+            Call::post_json(HOST, "/exec/t/true?wait=10s", &serde_json::json!({})),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("POST");
+        let took = t0.elapsed();
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.json["status"], "completed", "{}", r.text);
+        if i >= WARMUP {
+            fresh.push(took);
+        }
+    }
+    report("new connection per call", &mut fresh);
+
+    let kept = keep_alive_calls(alice.node.clone()).await;
+    let mut kept = kept;
+    report("one kept-alive connection", &mut kept);
+
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = daemon.0.wait();
+    let _ = alice.node.shutdown().await;
+    let _ = localnet.close().await;
+}
+
+/// Kills the daemon if the bench panics half-way.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The same calls over one HTTP/1.1 connection.
+async fn keep_alive_calls(node: Arc<tailkitd::tailnet::Node>) -> Vec<Duration> {
+    let stream = node.dial(&format!("{HOST}:80")).await.expect("dial");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut times = Vec::with_capacity(CALLS);
+    for i in 0..WARMUP + CALLS {
+        let req = hyper::Request::post("/exec/t/true?wait=10s")
+            .header("host", HOST)
+            .header("content-type", "application/octet-stream")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("request");
+        let t0 = Instant::now();
+        sender.ready().await.expect("connection ready");
+        let res = sender.send_request(req).await.expect("POST");
+        let status = res.status();
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        let took = t0.elapsed();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        if i >= WARMUP {
+            times.push(took);
+        }
+    }
+    times
+}
+
+fn report(what: &str, times: &mut [Duration]) {
+    times.sort();
+    let pct = |p: usize| times[(times.len() * p / 100).min(times.len() - 1)];
+    println!(
+        "POST /exec ?wait= round trip, {what}: n={} min={:.2?} median={:.2?} p90={:.2?} max={:.2?}",
+        times.len(),
+        times[0],
+        pct(50),
+        pct(90),
+        times[times.len() - 1]
+    );
+}
