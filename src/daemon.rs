@@ -81,6 +81,11 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    // tokio reaps children through pidfds, but falls back to a SIGCHLD
+    // handler where pidfd_open is unavailable; install that handler now,
+    // so that it too gets SA_ONSTACK below (a handler, once installed,
+    // stays for the life of the process).
+    let _sigchld = signal(SignalKind::child()).map_err(DaemonError::Signals)?;
     // tokio's handlers lack SA_ONSTACK, which the Go runtime in this
     // process requires of every handler (see tailnet::ensure_signal_onstack).
     tailnet::ensure_signal_onstack(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD])
