@@ -200,82 +200,50 @@ async fn demo_calls(alice: &Client, bob: &Client) -> Result<(), DemoError> {
     step(
         "1. alice (holds example.com/cap/x) runs disk/usage {\"path\": \"/etc\"}, waiting for the result",
     );
-    let r = alice
-        .call(
-            DAEMON_HOST,
-            Call::post_json(
-                DAEMON_HOST,
-                "/exec/disk/usage?wait=20s",
-                &json!({"path": "/etc"}),
-            ),
-        )
-        .await?;
-    show(&r);
-    expect(&r, 200, "completed")?;
+    let r = post(alice, "/exec/disk/usage?wait=20s", json!({"path": "/etc"})).await?;
+    show_and_expect(&r, 200, "completed")?;
 
     step("2. bob (no capability) asks for the same command");
-    let r = bob
-        .call(
-            DAEMON_HOST,
-            Call::post_json(
-                DAEMON_HOST,
-                "/exec/disk/usage?wait=20s",
-                &json!({"path": "/etc"}),
-            ),
-        )
-        .await?;
-    show(&r);
-    expect(&r, 403, "")?;
+    let r = post(bob, "/exec/disk/usage?wait=20s", json!({"path": "/etc"})).await?;
+    show_and_expect(&r, 403, "")?;
 
     step("3. alice tries to smuggle a shell command into the path argument");
-    let r = alice
-        .call(
-            DAEMON_HOST,
-            Call::post_json(
-                DAEMON_HOST,
-                "/exec/disk/usage?wait=20s",
-                &json!({"path": "/etc; rm -rf /"}),
-            ),
-        )
-        .await?;
-    show(&r);
-    expect(&r, 400, "")?;
+    let r = post(
+        alice,
+        "/exec/disk/usage?wait=20s",
+        json!({"path": "/etc; rm -rf /"}),
+    )
+    .await?;
+    show_and_expect(&r, 400, "")?;
 
     step(
         "4. bob runs system/uptime, a command without acl_cap (the daemon warned about it at start)",
     );
-    let r = bob
-        .call(
-            DAEMON_HOST,
-            Call::post_json(DAEMON_HOST, "/exec/system/uptime?wait=20s", &json!({})),
-        )
-        .await?;
-    show(&r);
-    expect(&r, 200, "completed")?;
+    let r = post(bob, "/exec/system/uptime?wait=20s", json!({})).await?;
+    show_and_expect(&r, 200, "completed")?;
 
     step("5. alice starts demo/whoami without waiting, then fetches the result by job id");
-    let r = alice
-        .call(
-            DAEMON_HOST,
-            Call::post_json(DAEMON_HOST, "/exec/demo/whoami", &json!({})),
-        )
-        .await?;
-    show(&r);
-    expect(&r, 202, "accepted")?;
+    let r = post(alice, "/exec/demo/whoami", json!({})).await?;
+    show_and_expect(&r, 202, "accepted")?;
     let id = r.json["job_id"].as_str().unwrap_or_default().to_string();
     let path = format!("/exec/jobs/{id}?wait=20s");
     let r = alice
         .call(DAEMON_HOST, Call::get(DAEMON_HOST, &path))
         .await?;
-    show(&r);
-    expect(&r, 200, "completed")?;
+    show_and_expect(&r, 200, "completed")?;
 
     step("6. bob tries to read alice's job");
     let path = format!("/exec/jobs/{id}");
     let r = bob.call(DAEMON_HOST, Call::get(DAEMON_HOST, &path)).await?;
-    show(&r);
-    expect(&r, 404, "")?;
+    show_and_expect(&r, 404, "")?;
     Ok(())
+}
+
+/// POSTs `body` as JSON to `path` on the demo daemon, as `client`.
+async fn post(client: &Client, path: &str, body: Value) -> Result<Response, DemoError> {
+    client
+        .call(DAEMON_HOST, Call::post_json(DAEMON_HOST, path, &body))
+        .await
 }
 
 /// The daemon process of the demo.
@@ -368,6 +336,12 @@ impl Daemon {
             )))
         }
     }
+}
+
+/// Prints `r`, then checks it has `status` (and `job_status`, if not empty).
+fn show_and_expect(r: &Response, status: u16, job_status: &str) -> Result<(), DemoError> {
+    show(r);
+    expect(r, status, job_status)
 }
 
 fn expect(r: &Response, status: u16, job_status: &str) -> Result<(), DemoError> {
