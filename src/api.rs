@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
@@ -43,6 +44,10 @@ use crate::tailnet::Identity;
 /// How long a client may take to send a request's headers (also the idle
 /// time allowed between requests on a kept-alive connection).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take to send a request's body once its headers
+/// arrived; a slower one gets `408` (and its connection is closed).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Resolves the identity of the peer at a connection's remote address. The
 /// daemon implements it with tsnet WhoIs; it is called for every request.
@@ -109,8 +114,8 @@ struct ApiInner {
     registry: Arc<Registry>,
     executor: Executor,
     settings: ApiSettings,
-    /// `allowed_hosts`, normalized.
-    hosts: Vec<String>,
+    /// `allowed_hosts`, normalized; replaced by [`Api::set_allowed_hosts`].
+    hosts: ArcSwap<Vec<String>>,
 }
 
 /// The caller, once the guards passed.
@@ -130,11 +135,7 @@ impl Api {
     /// An API over `registry` running jobs with `executor` (whose audit log
     /// also receives the `exec.denied` records).
     pub fn new(registry: Arc<Registry>, executor: Executor, settings: ApiSettings) -> Self {
-        let hosts = settings
-            .allowed_hosts
-            .iter()
-            .map(|h| normalize_host(h.trim_start_matches('[').trim_end_matches(']')))
-            .collect();
+        let hosts = ArcSwap::from_pointee(normalize_hosts(&settings.allowed_hosts));
         Api {
             inner: Arc::new(ApiInner {
                 registry,
@@ -143,6 +144,14 @@ impl Api {
                 hosts,
             }),
         }
+    }
+
+    /// Replaces the accepted `Host` values (the node's names can change
+    /// while it runs: a rename in the admin console, a collision suffix).
+    pub fn set_allowed_hosts(&self, allowed_hosts: &[String]) {
+        self.inner
+            .hosts
+            .store(Arc::new(normalize_hosts(allowed_hosts)));
     }
 
     /// The executor (and through it the job store).
@@ -227,8 +236,15 @@ impl Api {
         };
         let Some(host) = host else { return false };
         let name = normalize_host(host_without_port(host));
-        self.inner.hosts.contains(&name)
+        self.inner.hosts.load().contains(&name)
     }
+}
+
+fn normalize_hosts(hosts: &[String]) -> Vec<String> {
+    hosts
+        .iter()
+        .map(|h| normalize_host(h.trim_start_matches('[').trim_end_matches(']')))
+        .collect()
 }
 
 fn normalize_host(host: &str) -> String {
@@ -544,10 +560,17 @@ async fn exec_command(
     if declared.is_some_and(|n| n > settings.max_body_bytes as u64) {
         return Err(deny(None, too_large()));
     }
-    let body = match http_body_util::Limited::new(body, settings.max_body_bytes)
-        .collect()
-        .await
-    {
+    let reading = http_body_util::Limited::new(body, settings.max_body_bytes).collect();
+    let Ok(read) = tokio::time::timeout(BODY_READ_TIMEOUT, reading).await else {
+        return Err(deny(
+            None,
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {BODY_READ_TIMEOUT:?}"),
+            ),
+        ));
+    };
+    let body = match read {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(deny(None, too_large()));

@@ -24,6 +24,8 @@ use crate::tailnet::{self, BridgeError, Node, NodeConfig, Status};
 /// How long one `up` attempt waits before the daemon logs that it is still
 /// waiting (it keeps waiting).
 const UP_ATTEMPT: Duration = Duration::from_secs(30);
+/// How often the node's names are re-read for the `Host` check.
+const NAMES_REFRESH: Duration = Duration::from_secs(30);
 
 /// Why the daemon could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -63,11 +65,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signals(std::io::Error),
-}
-
-/// Which signal asked the daemon to do something.
-enum Stop {
-    Terminate(&'static str),
+    /// The tailnet listener went away while serving.
+    #[error("the tailnet listener stopped: {0}")]
+    Listener(std::io::Error),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down in order.
@@ -75,21 +75,16 @@ enum Stop {
 /// # Errors
 ///
 /// When the state dir, audit log, tools watcher, signal handlers or tailnet
-/// node cannot be set up. Errors after the node is up are logged, not
-/// returned: a running daemon only stops on a signal.
+/// node cannot be set up, or when the tailnet listener dies under a running
+/// daemon (jobs are still shut down in order first). Other errors after the
+/// node is up are logged, not returned.
 pub async fn run(settings: Settings) -> Result<(), DaemonError> {
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
-    // tokio reaps children through pidfds, but falls back to a SIGCHLD
-    // handler where pidfd_open is unavailable; install that handler now,
-    // so that it too gets SA_ONSTACK below (a handler, once installed,
-    // stays for the life of the process).
-    let _sigchld = signal(SignalKind::child()).map_err(DaemonError::Signals)?;
-    // tokio's handlers lack SA_ONSTACK, which the Go runtime in this
-    // process requires of every handler (see tailnet::ensure_signal_onstack).
-    tailnet::ensure_signal_onstack(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD])
-        .map_err(DaemonError::Signals)?;
+    let Signals {
+        mut sigterm,
+        mut sigint,
+        mut sighup,
+        sigchld: _sigchld,
+    } = install_signal_handlers().map_err(DaemonError::Signals)?;
 
     create_state_dir(&settings.state_dir)?;
     let audit =
@@ -128,8 +123,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
 
     let status = tokio::select! {
         status = join_tailnet(&node, settings.control_url.as_deref()) => status?,
-        stop = wait_for_stop(&mut sigterm, &mut sigint) => {
-            let Stop::Terminate(name) = stop;
+        name = wait_for_stop(&mut sigterm, &mut sigint) => {
             info!(signal = name, "stopping before the node came up");
             leave(node).await;
             return Ok(());
@@ -137,26 +131,33 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     };
     let listener = node.listen(settings.port).await?;
 
-    let mut allowed_hosts = vec![settings.hostname.clone(), status.dns_name.clone()];
-    allowed_hosts.extend(status.ips.iter().map(|ip| ip.to_string()));
     let api = Api::new(
         registry.clone(),
         Executor::new(exec_settings, audit.clone()),
         ApiSettings {
             require_cap: settings.require_cap,
-            ..ApiSettings::new(settings.hostname.clone(), allowed_hosts)
+            ..ApiSettings::new(
+                settings.hostname.clone(),
+                allowed_hosts(&settings.hostname, &status),
+            )
         },
     );
 
     let (tools, commands) = registry.counts();
     let ips: Vec<String> = status.ips.iter().map(|ip| ip.to_string()).collect();
-    println!(
+    let up = format!(
         "tailkitd up: name={} ips={} port={} tools={tools} commands={commands}",
         status.dns_name,
         ips.join(","),
         settings.port,
     );
-    let _ = std::io::stdout().flush();
+    // With the audit log on stdout, stdout carries JSON lines only.
+    if settings.audit_log.as_os_str() == "-" {
+        eprintln!("{up}");
+    } else {
+        println!("{up}");
+        let _ = std::io::stdout().flush();
+    }
     info!(
         name = %status.dns_name,
         ips = %ips.join(","),
@@ -168,7 +169,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(server::serve(
+    let mut server = tokio::spawn(server::serve(
         listener,
         Arc::new(WhoIs(node.clone())),
         api.router(),
@@ -177,10 +178,21 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             let _ = rx.wait_for(|s| *s).await;
         },
     ));
+    let mut names = tokio::time::interval(NAMES_REFRESH);
+    names.reset();
 
-    let signal_name = loop {
+    let stopped_by = loop {
         tokio::select! {
-            Stop::Terminate(name) = wait_for_stop(&mut sigterm, &mut sigint) => break name,
+            name = wait_for_stop(&mut sigterm, &mut sigint) => break Ok(name),
+            served = &mut server => {
+                let e = match served {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => std::io::Error::other("the server stopped"),
+                    Err(e) => std::io::Error::other(e),
+                };
+                error!(error = %e, "the tailnet listener is gone; shutting down");
+                break Err(e);
+            }
             Some(()) = sighup.recv() => {
                 match audit.reopen() {
                     Ok(()) => info!(audit = %audit.describe(), "SIGHUP: audit log reopened"),
@@ -189,33 +201,89 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                 }
                 registry.reload();
             }
+            _ = names.tick() => {
+                if let Ok(status) = node.status().await && !status.dns_name.is_empty() {
+                    api.set_allowed_hosts(&allowed_hosts(&settings.hostname, &status));
+                }
+            }
         }
     };
 
     info!(
-        signal = signal_name,
         grace = ?settings.shutdown_grace,
         "shutting down: new jobs are refused, running ones get the grace period"
     );
-    api.begin_shutdown();
     api.shutdown(settings.shutdown_grace).await;
     let _ = stop_tx.send(true);
-    if let Err(e) = server.await {
-        error!(error = %e, "the server task failed");
+    if stopped_by.is_ok() {
+        match server.await {
+            Ok(Err(e)) => error!(error = %e, "the tailnet listener failed while stopping"),
+            Err(e) => error!(error = %e, "the server task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     leave(node).await;
-    info!("stopped");
-    Ok(())
+    match stopped_by {
+        Ok(signal) => {
+            info!(signal, "stopped");
+            Ok(())
+        }
+        Err(e) => Err(DaemonError::Listener(e)),
+    }
 }
+
+/// The `Host` values this node answers to: the configured host name, the
+/// first label of its MagicDNS name (which the control server may have
+/// suffixed after a name collision, or an admin renamed), the MagicDNS name,
+/// and its tailnet IPs.
+fn allowed_hosts(hostname: &str, status: &Status) -> Vec<String> {
+    let mut hosts = vec![hostname.to_string(), status.dns_name.clone()];
+    if let Some(short) = status.dns_name.split('.').next().filter(|s| !s.is_empty()) {
+        hosts.push(short.to_string());
+    }
+    hosts.extend(status.ips.iter().map(|ip| ip.to_string()));
+    hosts
+}
+
+/// The signal streams the daemon listens to.
+struct Signals {
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+    sighup: tokio::signal::unix::Signal,
+    /// Kept only so that the handler exists (see below).
+    sigchld: tokio::signal::unix::Signal,
+}
+
+/// Installs tokio's handlers for SIGTERM, SIGINT, SIGHUP and SIGCHLD, made
+/// safe for the Go runtime in this process.
+fn install_signal_handlers() -> std::io::Result<Signals> {
+    let signals = Signals {
+        sigterm: signal(SignalKind::terminate())?,
+        sigint: signal(SignalKind::interrupt())?,
+        sighup: signal(SignalKind::hangup())?,
+        // tokio reaps children through pidfds, but falls back to a SIGCHLD
+        // handler where pidfd_open is unavailable; install that handler
+        // now, so that it too gets SA_ONSTACK below (a handler, once
+        // installed, stays for the life of the process).
+        sigchld: signal(SignalKind::child())?,
+    };
+    // tokio's handlers lack SA_ONSTACK, which the Go runtime in this
+    // process requires of every handler (see tailnet::ensure_signal_onstack).
+    tailnet::ensure_signal_onstack(&HANDLED_SIGNALS)?;
+    Ok(signals)
+}
+
+/// The signals the daemon handles.
+const HANDLED_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD];
 
 /// Waits for SIGTERM or SIGINT.
 async fn wait_for_stop(
     sigterm: &mut tokio::signal::unix::Signal,
     sigint: &mut tokio::signal::unix::Signal,
-) -> Stop {
+) -> &'static str {
     tokio::select! {
-        _ = sigterm.recv() => Stop::Terminate("SIGTERM"),
-        _ = sigint.recv() => Stop::Terminate("SIGINT"),
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
     }
 }
 
@@ -288,6 +356,39 @@ fn warn_uncapped(registry: &Registry, require_cap: bool) {
                 command,
                 "command has no acl_cap: any peer that can reach this node may run it (set require_cap to refuse)"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_handled_signal_has_a_go_safe_handler() {
+        let _signals = install_signal_handlers().unwrap();
+        for sig in HANDLED_SIGNALS {
+            assert!(
+                tailnet::signal_handler_is_onstack(sig).unwrap(),
+                "signal {sig} has no SA_ONSTACK handler"
+            );
+        }
+    }
+
+    #[test]
+    fn allowed_hosts_cover_names_and_ips() {
+        let status = Status {
+            backend_state: "Running".into(),
+            auth_url: None,
+            dns_name: "tk-1.tail1234.ts.net".into(),
+            ips: vec!["100.64.0.3".parse().unwrap()],
+            user_login: String::new(),
+            hostname: "tk".into(),
+            health: vec![],
+        };
+        let hosts = allowed_hosts("tk", &status);
+        for h in ["tk", "tk-1", "tk-1.tail1234.ts.net", "100.64.0.3"] {
+            assert!(hosts.iter().any(|x| x == h), "{h} missing from {hosts:?}");
         }
     }
 }

@@ -1,12 +1,16 @@
 //! The accept loop: connections from the tailnet listener, each with the
 //! peer address it really came from, served one task each through
 //! [`api::serve_connection`](crate::api::serve_connection) (which resolves
-//! the caller per request). Connections are bounded; failed accepts back
-//! off; stopping closes the listener, asks every connection to finish its
-//! request in flight, and waits a little for them.
+//! the caller per request). Connections are bounded, in all and per peer
+//! address; failed accepts back off; stopping closes the listener, asks
+//! every connection to finish its request in flight, and waits a little for
+//! them.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::io;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -19,6 +23,9 @@ use crate::tailnet::{BridgeError, Identity, Listener, Node};
 
 /// Connections served at once; more wait in the listener's backlog.
 pub const MAX_CONNECTIONS: usize = 512;
+/// Connections one peer address may hold open at once, so that one peer
+/// cannot take every slot; the requests of further ones are answered `429`.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
 /// How long open connections get to finish after the server stops.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -39,15 +46,87 @@ impl IdentityResolver for WhoIs {
     }
 }
 
+/// Answers every request on `stream` with `429` and closes it: the peer
+/// already holds [`MAX_CONNECTIONS_PER_PEER`] connections. Nothing is
+/// resolved, decided or run.
+async fn refuse_connection(stream: crate::tailnet::Stream) -> Result<(), hyper::Error> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let service = hyper::service::service_fn(|_request| async {
+        let body = serde_json::json!({
+            "error": "too many connections from this peer",
+            "hint": format!("at most {MAX_CONNECTIONS_PER_PEER} at once; reuse connections or retry"),
+        });
+        hyper::Response::builder()
+            .status(hyper::StatusCode::TOO_MANY_REQUESTS)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::RETRY_AFTER, "1")
+            .header(hyper::header::CONNECTION, "close")
+            .body(Full::new(Bytes::from(body.to_string())))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(crate::api::HEADER_READ_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    conn.await
+}
+
+/// Open connections per peer address.
+#[derive(Default)]
+struct PeerCounts(Mutex<HashMap<IpAddr, usize>>);
+
+/// One open connection of a peer; counted down when dropped.
+struct PeerSlot {
+    counts: Arc<PeerCounts>,
+    ip: IpAddr,
+}
+
+impl PeerCounts {
+    /// A slot for `ip`, or `None` when it already holds the most allowed.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        // Never held across an await.
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Serves `router` on every connection `listener` accepts until `stop`
 /// resolves, then drains (see the module docs).
+///
+/// # Errors
+///
+/// When the listener itself is gone (its node closed under it): nothing
+/// more can be served, and the caller should stop.
 pub async fn serve(
     listener: Listener,
     resolver: Arc<dyn IdentityResolver>,
     router: Router,
     stop: impl Future<Output = ()>,
-) {
+) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let peers = Arc::new(PeerCounts::default());
+    let mut outcome = Ok(());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut backoff = Duration::from_millis(50);
@@ -70,11 +149,19 @@ pub async fn serve(
         match accepted {
             Ok(((stream, peer), slot)) => {
                 backoff = Duration::from_millis(50);
+                let Some(peer_slot) = peers.take(peer.ip()) else {
+                    debug!(%peer, "too many connections from this peer");
+                    connections.spawn(async move {
+                        let _slot = slot;
+                        let _ = refuse_connection(stream).await;
+                    });
+                    continue;
+                };
                 let resolver = resolver.clone();
                 let router = router.clone();
                 let mut stop_rx = stop_rx.clone();
                 connections.spawn(async move {
-                    let _slot = slot;
+                    let _slots = (slot, peer_slot);
                     let stopped = async move {
                         let _ = stop_rx.wait_for(|s| *s).await;
                     };
@@ -83,6 +170,10 @@ pub async fn serve(
                         debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                outcome = Err(e);
+                break;
             }
             Err(e) => {
                 warn!(error = %e, retry_in = ?backoff, "accept failed");
@@ -108,4 +199,5 @@ pub async fn serve(
         );
         connections.shutdown().await;
     }
+    outcome
 }

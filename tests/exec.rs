@@ -953,6 +953,39 @@ async fn slow_headers_close_the_connection() {
     assert!(d.api.executor().jobs().is_empty());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_body_that_never_arrives_is_refused_408_and_runs_nothing() {
+    let d = Daemon::command(json!(["/bin/echo", "hi"]), json!([]), settings());
+    let (mut client, server) = tokio::io::duplex(4096);
+    let peer: SocketAddr = "100.64.0.7:40000".parse().unwrap();
+    let resolver: Arc<dyn IdentityResolver> =
+        Arc::new(Resolver(BTreeMap::from([(peer.ip(), alice())])));
+    tokio::spawn(serve_connection(
+        server,
+        peer,
+        resolver,
+        d.api.router(),
+        std::future::pending::<()>(),
+    ));
+    client
+        .write_all(
+            format!("POST /exec/t/c HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 10\r\n\r\n{{}}")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // The other 8 bytes never come; time only advances while all wait.
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(600), client.read(&mut buf))
+        .await
+        .expect("no answer to a stalled body")
+        .unwrap();
+    let out = String::from_utf8_lossy(&buf[..n]);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(d.api.executor().jobs().is_empty());
+    assert_eq!(d.audit_records().pop().unwrap()["http_status"], 408);
+}
+
 #[tokio::test]
 async fn connections_close_gracefully_on_shutdown() {
     let d = Daemon::command(json!(["/bin/echo", "hi"]), json!([]), settings());

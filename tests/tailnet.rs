@@ -208,7 +208,7 @@ async fn identity_under_concurrent_peers() {
     const CLIENTS: usize = 4;
     const CONNS_PER_CLIENT: usize = 60;
     const PARALLEL_PER_CLIENT: usize = 6;
-    const _: () = assert!(CONNS_PER_CLIENT % PARALLEL_PER_CLIENT == 0);
+    const _: () = assert!(CONNS_PER_CLIENT.is_multiple_of(PARALLEL_PER_CLIENT));
 
     guarded(async {
         // SIGCHLD storms land on Go threads too: tokio's handler must be

@@ -334,10 +334,10 @@ fn update_watches(watcher: &mut impl Watcher, dir: &Path, watched_ancestor: &mut
             }
         }
     }
-    if dir.is_dir() {
-        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the tools directory");
-        }
+    if dir.is_dir()
+        && let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive)
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the tools directory");
     }
 }
 

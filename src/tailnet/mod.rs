@@ -34,4 +34,4 @@ pub use listener::{Listener, Stream};
 #[cfg(feature = "localnet")]
 pub use localnet::{LOGIN_DOMAIN, Localnet, LocalnetOptions, MAGIC_DNS_SUFFIX};
 pub use node::{DEFAULT_DIAL_TIMEOUT, LoopbackProxy, Node, NodeConfig, Status};
-pub use signals::ensure_signal_onstack;
+pub use signals::{ensure_signal_onstack, signal_handler_is_onstack};

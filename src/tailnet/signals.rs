@@ -47,6 +47,23 @@ pub fn ensure_signal_onstack(signals: &[i32]) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether the handler currently installed for `sig` carries
+/// `SA_ONSTACK` (`false` for the default or ignore disposition).
+///
+/// # Errors
+///
+/// When `sigaction` fails (an invalid signal number).
+pub fn signal_handler_is_onstack(sig: i32) -> io::Result<bool> {
+    // SAFETY: sigaction is plain data; all-zero is a valid value.
+    let mut act: libc::sigaction = unsafe { mem::zeroed() };
+    // SAFETY: a null new action only queries; `act` is valid for writes.
+    if unsafe { libc::sigaction(sig, ptr::null(), &mut act) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let handled = act.sa_sigaction != libc::SIG_DFL && act.sa_sigaction != libc::SIG_IGN;
+    Ok(handled && act.sa_flags & libc::SA_ONSTACK != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

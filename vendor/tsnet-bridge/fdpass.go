@@ -164,6 +164,11 @@ func (bl *bridgeListener) close() {
 	})
 }
 
+// acceptLoop delivers connections one at a time. The send blocks once the
+// Rust side stops accepting and the socket's queue is full; then no more
+// connections are accepted from tsnet (its backlog refuses new ones), so a
+// flood of connections cannot pile up relays, goroutines and descriptors
+// here without bound.
 func (bl *bridgeListener) acceptLoop() {
 	defer bl.close()
 	for {
@@ -171,7 +176,7 @@ func (bl *bridgeListener) acceptLoop() {
 		if err != nil {
 			return
 		}
-		go bl.deliver(c)
+		bl.deliver(c)
 	}
 }
 
