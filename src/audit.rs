@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -212,7 +212,8 @@ impl AuditLog {
     }
 
     /// Appends one record as a JSON line and hands it to the OS before
-    /// returning.
+    /// returning. Blocks the calling thread for the write: from async code
+    /// use [`AuditLog::record_async`].
     ///
     /// # Errors
     ///
@@ -220,10 +221,41 @@ impl AuditLog {
     /// read-only, ...). The caller decides what a lost record means: for an
     /// acceptance it means the job must not start.
     pub fn record(&self, record: &AuditRecord) -> io::Result<()> {
-        let mut line = serde_json::to_string(record).map_err(io::Error::other)?;
-        line.push('\n');
+        self.write_line(to_line(record)?)
+    }
+
+    /// [`AuditLog::record`] on tokio's blocking pool, so that a slow sink (a
+    /// full disk, a stdout pipe nobody drains) holds no runtime worker.
+    ///
+    /// # Errors
+    ///
+    /// As [`AuditLog::record`].
+    pub async fn record_async(self: &Arc<Self>, record: &AuditRecord) -> io::Result<()> {
+        let line = to_line(record)?;
+        let log = Arc::clone(self);
+        tokio::task::spawn_blocking(move || log.write_line(line))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    fn write_line(&self, mut line: String) -> io::Result<()> {
         match &mut *self.lock() {
-            Sink::File(file) => file.write_all(line.as_bytes()),
+            Sink::File(file) => {
+                // A failed write must not leave half a line for the next
+                // record to be glued onto: cut a regular file back.
+                let before = file
+                    .metadata()
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len());
+                let written = file.write_all(line.as_bytes());
+                if written.is_err()
+                    && let Some(len) = before
+                {
+                    let _ = file.set_len(len);
+                }
+                written
+            }
             Sink::Stdout => {
                 let mut out = io::stdout().lock();
                 out.write_all(line.as_bytes())?;
@@ -242,6 +274,13 @@ impl AuditLog {
         // in the sink's state, so a poisoned lock is still usable.
         self.sink.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// One record as a JSON line, newline included.
+fn to_line(record: &AuditRecord) -> io::Result<String> {
+    let mut line = serde_json::to_string(record).map_err(io::Error::other)?;
+    line.push('\n');
+    Ok(line)
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -311,6 +350,30 @@ mod tests {
         let new = std::fs::read_to_string(&path).unwrap();
         assert_eq!(new.lines().count(), 1);
         assert!(new.contains(r#""tool":"c""#));
+    }
+
+    #[tokio::test]
+    async fn async_records_reach_the_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = Arc::new(AuditLog::open(&path).unwrap());
+        for tool in ["a", "b", "c"] {
+            log.record_async(&AuditRecord::new(AuditEvent::Denied, caller(), tool, "x"))
+                .await
+                .unwrap();
+        }
+        let tools: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tool"].to_string())
+            .collect();
+        assert_eq!(tools, [r#""a""#, r#""b""#, r#""c""#]);
+        let full = Arc::new(AuditLog::open(Path::new("/dev/full")).unwrap());
+        let err = full
+            .record_async(&AuditRecord::new(AuditEvent::Accepted, caller(), "a", "b"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
     }
 
     #[test]
