@@ -222,6 +222,139 @@ async fn statuses_exit_codes_and_signals_follow_the_spec() {
     let r = d.run(r#"{"script": "kill -TERM $$"}"#).await;
     assert_eq!(r["signal"], "SIGTERM");
     assert_eq!(r["exit_code"], -1);
+    assert_eq!(r["status"], "failed", "the daemon did not send it");
+    assert_eq!(r["error"], "killed by signal SIGTERM");
+}
+
+#[tokio::test]
+async fn a_command_killed_by_sigpipe_reports_the_signal() {
+    let d = Daemon::command(
+        json!(["/bin/sh", "-c", "{{.script}}", "sh", "{{.dir}}"]),
+        json!([{"name": "script"}, {"name": "dir"}]),
+        settings(),
+    );
+    let dir = d.dir.path().display().to_string();
+    // Sent directly, and for real: `yes` writing into a FIFO whose only
+    // reader has gone.
+    for script in [
+        "kill -PIPE $$",
+        r#"cd "$1" && mkfifo f && { (exec 4<f) & exec yes > f; }"#,
+    ] {
+        let r = d
+            .run(&json!({"script": script, "dir": dir}).to_string())
+            .await;
+        assert_eq!(
+            (r["status"].as_str(), r["exit_code"].as_i64()),
+            (Some("failed"), Some(-1)),
+            "{script}: {r}"
+        );
+        assert_eq!(r["signal"], "SIGPIPE", "{script}: {r}");
+        assert_eq!(r["error"], "killed by signal SIGPIPE");
+    }
+}
+
+#[tokio::test]
+async fn a_launcher_that_ignores_kill_is_killed_after_a_while() {
+    use std::os::unix::fs::PermissionsExt;
+    // A stand-in launcher that reports a start, then neither obeys nor
+    // reports anything.
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = dir.path().join("stuck-launcher");
+    std::fs::write(
+        &launcher,
+        "#!/bin/sh\necho \"started $$\" >&0\ntrap '' TERM\nexec sleep 1000\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&launcher, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::command(
+        json!(["/bin/true"]),
+        json!([]),
+        ExecSettings {
+            launcher,
+            ..settings()
+        },
+    );
+    let (_, v, _) = d.request(&alice(), "POST", "/exec/t/c", "").await;
+    let path = format!("/exec/jobs/{}", v["job_id"].as_str().unwrap());
+    eventually(LONG, "the job to run", || {
+        d.api
+            .executor()
+            .jobs()
+            .get(v["job_id"].as_str().unwrap().parse().unwrap(), &alice())
+            .is_some_and(|r| r.status.as_str() == "running")
+    })
+    .await;
+    let (s, r, _) = d.request(&alice(), "DELETE", &path, "").await;
+    assert_eq!(
+        (s, r["status"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    let r = d
+        .request(&alice(), "GET", &format!("{path}?wait=30s"), "")
+        .await
+        .1;
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(r["exit_code"], -1);
+}
+
+#[tokio::test]
+async fn files_that_cannot_be_executed_could_not_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, mode, reason) in [
+        ("no-shebang", "echo hi\n", 0o755, "Exec format error"),
+        (
+            "not-executable",
+            "#!/bin/sh\necho hi\n",
+            0o644,
+            "Permission denied",
+        ),
+        (
+            "no-interpreter",
+            "#!/nonexistent/interpreter\n",
+            0o755,
+            "No such file or directory",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let d = Daemon::command(json!([path]), json!([]), settings());
+        let r = d.run("").await;
+        assert_eq!(
+            (r["status"].as_str(), r["exit_code"].as_i64()),
+            (Some("failed"), Some(-1)),
+            "{name}: {r}"
+        );
+        let error = r["error"].as_str().unwrap();
+        assert!(error.starts_with("could not start"), "{name}: {r}");
+        assert!(error.contains(reason), "{name}: {r}");
+        assert!(r.get("signal").is_none(), "{name}: {r}");
+        let finished = d.audit_records().pop().unwrap();
+        assert_eq!(finished["event"], "exec.finished");
+        assert_eq!(finished["exit_code"], -1);
+    }
+}
+
+#[tokio::test]
+async fn a_launcher_that_dies_without_a_status_fails_the_job() {
+    // `true` stands in for a launcher that exits before saying how the
+    // command ended: its exit status must not pass for the command's.
+    let d = Daemon::command(
+        json!(["/bin/echo", "hi"]),
+        json!([]),
+        ExecSettings {
+            launcher: "/bin/true".into(),
+            ..settings()
+        },
+    );
+    let r = d.run("").await;
+    assert_eq!(
+        (r["status"].as_str(), r["exit_code"].as_i64()),
+        (Some("failed"), Some(-1)),
+        "{r}"
+    );
+    assert!(r["error"].as_str().unwrap().contains("launcher"), "{r}");
 }
 
 #[tokio::test]
@@ -278,6 +411,111 @@ async fn a_timeout_kills_a_term_ignoring_child_and_its_grandchild() {
     for pid in pids {
         assert!(process_gone(pid), "process {pid} survived the timeout");
     }
+}
+
+/// The command of the setsid tests (`$1`: a directory holding
+/// `leaf.sh`): one descendant that calls setsid while its parent lives,
+/// one that ignores SIGTERM and is orphaned at once (setsid, then its
+/// parent exits: a double fork), then the main process sleeps. Every pid
+/// goes to `$1/pids`.
+const SETSID_SCRIPT: &str = r#"cd "$1" || exit 1
+echo $$ >> pids
+setsid ./leaf.sh pids &
+sh -c 'setsid ./leaf.sh pids ignore-term &'
+sleep 1000"#;
+
+fn setsid_daemon(timeout: &str) -> Daemon {
+    let d = Daemon::command(
+        json!(["/bin/sh", "-c", SETSID_SCRIPT, "sh", "{{.dir}}"]),
+        json!([{"name": "dir"}]),
+        settings(),
+    );
+    let text = std::fs::read_to_string(d.dir.path().join("t.json")).unwrap();
+    std::fs::write(d.dir.path().join("t.json"), text.replace("30s", timeout)).unwrap();
+    d.registry.reload();
+    write_leaf_script(d.dir.path());
+    d
+}
+
+fn pids_in(dir: &std::path::Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("pids"))
+        .map(|t| pids(&t))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_timeout_kills_descendants_that_left_the_group() {
+    let d = setsid_daemon("1s");
+    let body = json!({"dir": d.dir.path().display().to_string()}).to_string();
+    let r = d.run(&body).await;
+    assert_eq!(r["status"], "cancelled", "{r}");
+    let pids = pids_in(d.dir.path());
+    let _cleanup = KillOnDrop(pids.clone());
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    for pid in pids {
+        assert!(process_gone(pid), "process {pid} survived the timeout");
+    }
+}
+
+#[tokio::test]
+async fn delete_kills_descendants_that_left_the_group() {
+    let d = setsid_daemon("30s");
+    let body = json!({"dir": d.dir.path().display().to_string()}).to_string();
+    let (s, v, _) = d.request(&alice(), "POST", "/exec/t/c", &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let id = v["job_id"].as_str().unwrap().to_string();
+    eventually(LONG, "three pids", || pids_in(d.dir.path()).len() == 3).await;
+    let pids = pids_in(d.dir.path());
+    let _cleanup = KillOnDrop(pids.clone());
+    let (s, r, _) = d
+        .request(&alice(), "DELETE", &format!("/exec/jobs/{id}"), "")
+        .await;
+    assert_eq!(
+        (s, r["status"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    for pid in pids {
+        assert!(process_gone(pid), "process {pid} survived DELETE");
+    }
+}
+
+#[tokio::test]
+async fn shutdown_kills_descendants_that_left_the_group() {
+    let d = setsid_daemon("30s");
+    let body = json!({"dir": d.dir.path().display().to_string()}).to_string();
+    let (s, _, _) = d.request(&alice(), "POST", "/exec/t/c", &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    eventually(LONG, "three pids", || pids_in(d.dir.path()).len() == 3).await;
+    let pids = pids_in(d.dir.path());
+    let _cleanup = KillOnDrop(pids.clone());
+    d.api.shutdown(Duration::ZERO).await;
+    for pid in pids {
+        assert!(process_gone(pid), "process {pid} survived shutdown");
+    }
+}
+
+#[tokio::test]
+async fn a_normal_exit_leaves_no_descendant_behind() {
+    let d = Daemon::command(
+        json!([
+            "/bin/sh",
+            "-c",
+            r#"cd "$1" && setsid ./leaf.sh pids >/dev/null 2>&1 & while [ ! -s "$1/pids" ]; do sleep 0.01; done; echo done"#,
+            "sh",
+            "{{.dir}}"
+        ]),
+        json!([{"name": "dir"}]),
+        settings(),
+    );
+    write_leaf_script(d.dir.path());
+    let body = json!({"dir": d.dir.path().display().to_string()}).to_string();
+    let r = d.run(&body).await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["stdout"], "done\n");
+    let pids = pids_in(d.dir.path());
+    let _cleanup = KillOnDrop(pids.clone());
+    assert_eq!(pids.len(), 1);
+    assert!(process_gone(pids[0]), "the setsid'd process survived");
 }
 
 #[tokio::test]
@@ -346,8 +584,19 @@ async fn helper_start_a_long_command_and_wait() {
     let Ok(file) = std::env::var("TAILKITD_TEST_PID_FILE") else {
         return;
     };
+    // Two pids first (the shell and its sleep), then two setsid'd ones (see
+    // SETSID_SCRIPT), written by `leaf.sh` next to the pid file.
     let d = Daemon::command(
-        json!(["/bin/sh", "-c", "sleep 1000 & echo $$ $! > {{.file}}; wait"]),
+        json!([
+            "/bin/sh",
+            "-c",
+            r#"sleep 1000 & echo $$ $! >> "$1"; cd "$(dirname "$1")" || exit 1
+setsid ./leaf.sh "$1" &
+sh -c 'setsid ./leaf.sh "$0" ignore-term &' "$1"
+wait"#,
+            "sh",
+            "{{.file}}"
+        ]),
         json!([{"name": "file"}]),
         settings(),
     );
@@ -367,6 +616,7 @@ async fn helper_start_a_long_command_and_wait() {
 async fn a_sigkilled_daemon_leaves_no_command() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pids");
+    write_leaf_script(dir.path());
     let mut helper = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -381,10 +631,11 @@ async fn a_sigkilled_daemon_leaves_no_command() {
         .spawn()
         .unwrap();
     eventually(LONG, "the helper's command to start", || {
-        std::fs::read_to_string(&file).is_ok_and(|t| pids(&t).len() == 2)
+        std::fs::read_to_string(&file).is_ok_and(|t| pids(&t).len() == 4)
     })
     .await;
     let command_pids = pids(&std::fs::read_to_string(&file).unwrap());
+    let _cleanup = KillOnDrop(command_pids.clone());
     let pgid = {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", command_pids[0])).unwrap();
         let fields: Vec<String> = stat

@@ -5,6 +5,8 @@
 //! single-threaded. It compiles the launcher module on its own, without the
 //! library, so that nothing links the Go archive in.
 
+// The daemon's half of the status protocol is unused here.
+#[allow(dead_code)]
 #[path = "../exec/launcher.rs"]
 mod launcher;
 

@@ -129,16 +129,17 @@ impl Executor {
                 .max_output_bytes
                 .unwrap_or(inner.settings.max_output_bytes),
         };
+        let mut finished = accepted;
+        finished.event = AuditEvent::Finished;
         let job = RunningJob {
             inner: self.inner.clone(),
             id,
             tool: tool.to_string(),
             command: command.name.clone(),
+            record: finished,
             finished: false,
         };
-        let mut finished = accepted;
-        finished.event = AuditEvent::Finished;
-        tokio::spawn(job.run(spec, admitted.cancel, finished));
+        tokio::spawn(job.run(spec, admitted.cancel));
         Ok(id)
     }
 
@@ -184,12 +185,15 @@ fn child_env(command: &Command, id: Uuid, caller: &Identity) -> Vec<(String, Str
 }
 
 /// One job's task. If it is dropped before the job finished (a panic), the
-/// job is still marked failed so that shutdown never waits forever.
+/// job is still marked failed and audited, so that shutdown never waits
+/// forever and every started job has its `exec.finished` record.
 struct RunningJob {
     inner: Arc<Inner>,
     id: Uuid,
     tool: String,
     command: String,
+    /// The `exec.finished` record, caller and arguments filled in.
+    record: AuditRecord,
     finished: bool,
 }
 
@@ -198,7 +202,6 @@ impl RunningJob {
         mut self,
         spec: RunSpec,
         cancel: tokio::sync::watch::Receiver<Option<CancelReason>>,
-        mut record: AuditRecord,
     ) {
         let store = &self.inner.store;
         let outcome = self
@@ -206,7 +209,14 @@ impl RunningJob {
             .runner
             .run(spec, cancel, |at| store.set_running(self.id, at))
             .await;
-        let result = job_result(self.id, &self.tool, &self.command, &outcome);
+        self.finish(&outcome);
+    }
+
+    /// Writes `exec.finished` (a failure to write is logged: the job has
+    /// run) and marks the job terminal.
+    fn finish(&mut self, outcome: &RunOutcome) {
+        let result = job_result(self.id, &self.tool, &self.command, outcome);
+        let record = &mut self.record;
         record.ts = rfc3339(SystemTime::now());
         record.status = Some(result.status.as_str().to_string());
         record.exit_code = Some(result.exit_code);
@@ -215,7 +225,7 @@ impl RunningJob {
         record.duration_ms = Some(result.duration_ms);
         record.stdout_bytes = Some(outcome.stdout.total);
         record.stderr_bytes = Some(outcome.stderr.total);
-        if let Err(e) = self.inner.audit.record(&record) {
+        if let Err(e) = self.inner.audit.record(record) {
             tracing::error!(job_id = %self.id, error = %e, "could not write the exec.finished audit record");
         }
         tracing::info!(
@@ -240,8 +250,7 @@ impl Drop for RunningJob {
                 finished_at: SystemTime::now(),
                 duration: Duration::ZERO,
             };
-            let result = job_result(self.id, &self.tool, &self.command, &outcome);
-            self.inner.store.finish(self.id, result);
+            self.finish(&outcome);
         }
     }
 }
@@ -349,6 +358,44 @@ mod tests {
             assert!(r.error.as_deref().unwrap().contains(text), "{:?}", r.error);
             assert_eq!(r.signal.as_deref(), Some("SIGTERM"));
         }
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_task_dies_is_still_finished_and_audited() {
+        let audit = Arc::new(AuditLog::in_memory());
+        let executor = Executor::new(ExecSettings::default(), audit.clone());
+        let caller = Identity {
+            node_name: "laptop.ts.net".into(),
+            user_login: "alice@example.com".into(),
+            ..Identity::default()
+        };
+        let admitted = executor.jobs().admit(caller.owner(), "t", "c").unwrap();
+        let record = AuditRecord::new(
+            AuditEvent::Finished,
+            AuditCaller::new(&caller, None),
+            "t",
+            "c",
+        );
+        // What a panic in the job's task leaves: the task dropped unfinished.
+        drop(RunningJob {
+            inner: executor.inner.clone(),
+            id: admitted.id,
+            tool: "t".into(),
+            command: "c".into(),
+            record,
+            finished: false,
+        });
+        let result = executor.jobs().get(admitted.id, &caller).unwrap();
+        assert_eq!((result.status, result.exit_code), (JobStatus::Failed, -1));
+        let lines = audit.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let finished: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(finished["event"], "exec.finished");
+        assert_eq!(finished["status"], "failed");
+        assert!(
+            finished["error"].as_str().unwrap().contains("ended early"),
+            "{finished}"
+        );
     }
 
     #[test]

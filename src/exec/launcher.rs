@@ -1,61 +1,212 @@
 //! The launcher: a tiny supervisor the daemon starts instead of the command
-//! itself (`tailkitd-launch DAEMON_PID PROGRAM ARGV0 ARGS...`), so that
-//! nothing a command started outlives a daemon killed with SIGKILL, without
-//! any `unsafe` `pre_exec` hook.
+//! itself (`tailkitd-launch DAEMON_PID PROGRAM ARGV0 ARGS...`), so that no
+//! descendant of a command outlives its job or the daemon (even a daemon
+//! killed with SIGKILL, even a descendant that left the command's process
+//! group with `setsid`), without any `unsafe` `pre_exec` hook.
 //!
 //! It is its own small executable, installed next to `tailkitd`
 //! ([`LAUNCHER_NAME`]), not a subcommand of `tailkitd`: the `tailkitd`
 //! binary links the Go runtime, which starts several threads (about 20 MiB
 //! resident) in every process that loads it, before `main`, and those
-//! threads would also receive the signals meant for the command.
+//! threads would also receive the signals meant for the launcher.
 //!
 //! The daemon forks the launcher from one long-lived spawner thread into a
-//! new process group, with the clean environment, stdin `/dev/null` and the
-//! output pipes. The launcher then:
+//! new process group, with the clean environment, the output pipes, and as
+//! stdin one end of a Unix socket pair: the *status socket*. The launcher:
 //!
-//! 1. blocks the catchable signals it must not die of (they are meant for the
-//!    command: the daemon signals the whole group) and reads them with
-//!    `sigwait` instead of handlers;
+//! 1. blocks the catchable signals it must not die of and reads them from a
+//!    `signalfd` instead of running handlers (a SIGTERM while the daemon
+//!    lives counts as `term`; the others are passed on to the program's
+//!    group);
 //! 2. asks for `SIGTERM` when its parent thread dies (`PR_SET_PDEATHSIG`)
-//!    and exits at once if the daemon is already gone;
-//! 3. starts the program with exactly the argv the tool file gave (argv\[0\]
-//!    included) in the same group, through `posix_spawn` with an empty
-//!    signal mask, default signal dispositions, and every descriptor but
-//!    0, 1 and 2 closed;
-//! 4. waits: when the program exits it exits the same way (same code, or
-//!    re-raises the same signal), so the daemon sees the command's status;
-//!    when the parent-death signal comes (its parent pid changed) it
-//!    SIGKILLs its whole process group: the command and every descendant
-//!    that stayed in the group.
+//!    and starts nothing if the daemon is already gone;
+//! 3. becomes a child subreaper (`PR_SET_CHILD_SUBREAPER`), so every
+//!    orphaned descendant, `setsid`'d ones included, becomes its child;
+//! 4. starts the program with exactly the argv the tool file gave (argv\[0\]
+//!    included) and its own environment through `posix_spawn`: in a new
+//!    process group the program leads, with an empty signal mask, default
+//!    signal dispositions, `/dev/null` as stdin and every descriptor but 0,
+//!    1 and 2 closed; then lets go of the output pipes itself, so that they
+//!    close when the command's last process holding them ends;
+//! 5. reports on the status socket ([`Status`]) and obeys it ([`Order`]).
+//!
+//! When the program ends the launcher reports how at once, then keeps
+//! reaping; if no descendant is left it exits on its own. On `kill`, on
+//! the end of the status socket (the daemon died or dropped the job) and on
+//! the parent-death signal it *sweeps*: SIGKILL to the program's group and
+//! to every descendant it finds in /proc, reap, again, until it has no
+//! child left (each killed process hands its children to the launcher, so
+//! the sweep reaches the whole tree), giving up after [`SWEEP_LIMIT`]
+//! against a fork bomb; then it exits. The daemon reads the command's end
+//! from the socket, never from the launcher's exit status.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
+use std::fmt;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
 use nix::sys::prctl;
-use nix::sys::resource::{Resource, setrlimit};
-use nix::sys::signal::{SigSet, Signal, killpg, raise};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{Pid, getpgrp, getppid};
+use nix::sys::signal::{SigSet, Signal, kill, killpg};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::unistd::{Pid, dup2_stderr, dup2_stdout, getpid, getppid};
 
 /// The launcher's file name; the daemon looks for it next to itself.
 pub const LAUNCHER_NAME: &str = "tailkitd-launch";
 
-/// Exit code of a launcher that could not even start the program (bad
-/// invocation, or the daemon died before the program started).
-const LAUNCH_FAILED: i32 = 125;
-/// Exit code when the program could not be executed, as a shell reports it.
-const EXEC_FAILED: i32 = 127;
+/// How long a sweep keeps killing before the launcher gives up and exits
+/// anyway (only a fork bomb or a process stuck in the kernel lasts that
+/// long; the rest is gone within milliseconds).
+pub const SWEEP_LIMIT: Duration = Duration::from_secs(2);
 
-/// The launcher's `main`: runs it with this process's arguments and
-/// returns the exit code to exit with (the command's own, or 125 when the
-/// command could not be started at all).
-pub fn main_from_args() -> i32 {
-    launch(std::env::args_os().skip(1).collect())
+/// Exit code of a launcher that started nothing (the daemon reads the
+/// status socket, not this; it is for people running the launcher by hand).
+const LAUNCH_FAILED: i32 = 125;
+/// Exit code of a launcher whose sweep gave up.
+const SWEEP_GAVE_UP: i32 = 1;
+
+/// What the launcher tells the daemon: one line each on the status socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// `started PID`: the program runs, as process `PID`, leader of process
+    /// group `PID`.
+    Started(i32),
+    /// `spawn-error ERRNO TEXT`: the program could not be executed (no
+    /// such file, permission denied, exec format error, ...). Final.
+    SpawnError {
+        /// The `errno` `posix_spawn` failed with.
+        errno: i32,
+        /// Its description.
+        message: String,
+    },
+    /// `error TEXT`: the launcher itself failed before starting the
+    /// program (bad invocation, a system call it needs was refused), so the
+    /// command could not start. Final.
+    Error(String),
+    /// `exited CODE`: the program exited with `CODE`. Final for the job;
+    /// descendants may still run until the daemon says `kill`.
+    Exited(i32),
+    /// `signaled SIGNO`: the program was killed by signal `SIGNO`. Final,
+    /// as [`Status::Exited`].
+    Signaled(i32),
 }
 
-/// Signals the launcher reads with `sigwait` instead of dying of them.
-fn blocked_signals() -> SigSet {
+impl Status {
+    /// Parses one line (without its newline); `None` for anything else.
+    pub fn parse(line: &str) -> Option<Status> {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let number = || rest.parse::<i32>().ok();
+        match word {
+            "started" => number().map(Status::Started),
+            "exited" => number().map(Status::Exited),
+            "signaled" => number().map(Status::Signaled),
+            "spawn-error" => {
+                let (errno, message) = rest.split_once(' ').unwrap_or((rest, ""));
+                Some(Status::SpawnError {
+                    errno: errno.parse().ok()?,
+                    message: message.to_string(),
+                })
+            }
+            "error" => Some(Status::Error(rest.to_string())),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    /// The line as sent, without its newline (texts are kept on one line).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let one_line = |s: &str| s.replace(['\n', '\r'], " ");
+        match self {
+            Status::Started(pid) => write!(f, "started {pid}"),
+            Status::SpawnError { errno, message } => {
+                write!(f, "spawn-error {errno} {}", one_line(message))
+            }
+            Status::Error(message) => write!(f, "error {}", one_line(message)),
+            Status::Exited(code) => write!(f, "exited {code}"),
+            Status::Signaled(signal) => write!(f, "signaled {signal}"),
+        }
+    }
+}
+
+/// What the daemon tells the launcher: one line each on the status socket.
+/// The end of the socket means [`Order::Kill`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// `term`: SIGTERM to the program's group and to every other
+    /// descendant.
+    Term,
+    /// `kill`: sweep (SIGKILL to every descendant), then exit.
+    Kill,
+}
+
+impl Order {
+    /// The line to send, newline included.
+    pub fn line(self) -> &'static [u8] {
+        match self {
+            Order::Term => b"term\n",
+            Order::Kill => b"kill\n",
+        }
+    }
+
+    /// Parses one line (without its newline); `None` for anything else.
+    pub fn parse(line: &[u8]) -> Option<Order> {
+        match line {
+            b"term" => Some(Order::Term),
+            b"kill" => Some(Order::Kill),
+            _ => None,
+        }
+    }
+}
+
+/// The launcher's `main`: runs it with this process's arguments and
+/// returns the code to exit with (0 once the job is over, 1 if a sweep gave
+/// up, 125 when nothing could be started).
+pub fn main_from_args() -> i32 {
+    // The status socket is stdin; a duplicate (close-on-exec) can be read
+    // and written as a socket.
+    let Ok(socket) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        eprintln!("{LAUNCHER_NAME}: stdin must be the daemon's status socket");
+        return LAUNCH_FAILED;
+    };
+    let mut socket = UnixStream::from(socket);
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    match start(&args) {
+        Ok(Some((program, signals, daemon_pid))) => {
+            let mut launcher = Launcher {
+                socket,
+                signals,
+                daemon_pid,
+                program,
+                program_reaped: false,
+                inbox: Vec::new(),
+            };
+            launcher.send(&Status::Started(program.as_raw()));
+            launcher.supervise()
+        }
+        // The daemon is gone already: nothing starts, nobody listens.
+        Ok(None) => LAUNCH_FAILED,
+        Err(status) => {
+            if let Status::Error(message) = &status {
+                eprintln!("{LAUNCHER_NAME}: {message}");
+            }
+            let _ = socket.write_all(format!("{status}\n").as_bytes());
+            LAUNCH_FAILED
+        }
+    }
+}
+
+/// Signals the launcher reads from its `signalfd` instead of dying of them.
+fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in [
         Signal::SIGTERM,
@@ -73,70 +224,56 @@ fn blocked_signals() -> SigSet {
     set
 }
 
-fn launch(args: Vec<OsString>) -> i32 {
-    let [daemon_pid, program, argv0, rest @ ..] = args.as_slice() else {
-        eprintln!("{LAUNCHER_NAME}: usage: DAEMON_PID PROGRAM ARGV0 [ARGS...]");
-        return LAUNCH_FAILED;
+/// Everything up to the running program: its pid, the signal descriptor
+/// and the daemon's pid; `None` if the daemon died before the program
+/// started; the status to report if nothing could start.
+fn start(args: &[OsString]) -> Result<Option<(Pid, SignalFd, Pid)>, Status> {
+    let failed = |what: &str, e: Errno| Status::Error(format!("{what}: {e}"));
+    let [daemon_pid, program, argv0, rest @ ..] = args else {
+        return Err(Status::Error(
+            "usage: DAEMON_PID PROGRAM ARGV0 [ARGS...]".into(),
+        ));
     };
     let Some(daemon_pid) = daemon_pid.to_str().and_then(|p| p.parse::<i32>().ok()) else {
-        eprintln!("{LAUNCHER_NAME}: bad daemon pid");
-        return LAUNCH_FAILED;
+        return Err(Status::Error("bad daemon pid".into()));
     };
-    let signals = blocked_signals();
-    if let Err(e) = signals.thread_block() {
-        eprintln!("{LAUNCHER_NAME}: cannot block signals: {e}");
-        return LAUNCH_FAILED;
-    }
-    if let Err(e) = prctl::set_pdeathsig(Signal::SIGTERM) {
-        eprintln!("{LAUNCHER_NAME}: cannot set the parent-death signal: {e}");
-        return LAUNCH_FAILED;
-    }
+    let signals = handled_signals();
+    signals
+        .thread_block()
+        .map_err(|e| failed("blocking signals", e))?;
+    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| failed("signalfd", e))?;
+    prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| failed("PR_SET_PDEATHSIG", e))?;
     // The daemon may have died between fork and prctl: then the signal will
     // never come, and nothing must start.
     if getppid().as_raw() != daemon_pid {
-        return LAUNCH_FAILED;
+        return Ok(None);
     }
-    let child = match spawn_program(program, argv0, rest, &signals) {
-        Ok(pid) => pid,
-        Err(e) => {
-            eprintln!(
-                "tailkitd: could not start {}: {e}",
-                program.to_string_lossy()
-            );
-            return EXEC_FAILED;
-        }
-    };
-    loop {
-        let Ok(signal) = signals.wait() else { continue };
-        match signal {
-            Signal::SIGCHLD => match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(_, code)) => return code,
-                Ok(WaitStatus::Signaled(_, signal, _)) => return exit_by(signal),
-                Ok(_) => {}
-                Err(_) => return LAUNCH_FAILED,
-            },
-            Signal::SIGTERM if getppid().as_raw() != daemon_pid => {
-                // The daemon is gone: take the whole group down, us included.
-                let _ = killpg(getpgrp(), Signal::SIGKILL);
-            }
-            // Signals sent to the whole group are for the command.
-            _ => {}
-        }
+    prctl::set_child_subreaper(true).map_err(|e| failed("PR_SET_CHILD_SUBREAPER", e))?;
+    let program = spawn_program(program, argv0, rest, &signals)?;
+    // The program holds the output pipes now; the launcher must not keep
+    // them open after the program's last process is gone.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = dup2_stdout(&null);
+        let _ = dup2_stderr(&null);
     }
+    Ok(Some((program, signal_fd, Pid::from_raw(daemon_pid))))
 }
 
-/// Starts the program with `posix_spawn`: in this process group, with this
-/// environment, with an empty signal mask and default dispositions for the
-/// signals the launcher blocks or ignores (std's `Command` would pass the
-/// launcher's blocked mask on).
+/// Starts the program with `posix_spawn`: leading a new process group,
+/// with this environment, an empty signal mask, default dispositions for
+/// the signals the launcher blocks or ignores (std's `Command` would pass
+/// the launcher's blocked mask on), stdin `/dev/null`, and only fds 0-2.
 fn spawn_program(
     program: &OsStr,
     argv0: &OsStr,
     rest: &[OsString],
     blocked: &SigSet,
-) -> Result<Pid, String> {
-    let c =
-        |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| "an argument contains NUL".to_string());
+) -> Result<Pid, Status> {
+    let setup = |e: Errno| Status::Error(format!("posix_spawn setup: {e}"));
+    let c = |s: &OsStr| {
+        CString::new(s.as_bytes()).map_err(|_| Status::Error("an argument contains NUL".into()))
+    };
     let path = c(program)?;
     let argv = std::iter::once(argv0)
         .chain(rest.iter().map(OsString::as_os_str))
@@ -150,23 +287,32 @@ fn spawn_program(
             c(&kv)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut attr = PosixSpawnAttr::init().map_err(|e| e.to_string())?;
-    attr.set_sigmask(&SigSet::empty())
-        .map_err(|e| e.to_string())?;
+    let mut attr = PosixSpawnAttr::init().map_err(setup)?;
+    attr.set_sigmask(&SigSet::empty()).map_err(setup)?;
     let mut defaults = *blocked;
     defaults.add(Signal::SIGPIPE);
-    attr.set_sigdefault(&defaults).map_err(|e| e.to_string())?;
+    attr.set_sigdefault(&defaults).map_err(setup)?;
+    attr.set_pgroup(Pid::from_raw(0)).map_err(setup)?;
     attr.set_flags(
-        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF
+            | PosixSpawnFlags::POSIX_SPAWN_SETPGROUP,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(setup)?;
     // Only stdin, stdout and stderr reach the command, even if whoever
-    // started the daemon leaked a descriptor without close-on-exec.
-    let mut actions = PosixSpawnFileActions::init().map_err(|e| e.to_string())?;
+    // started the daemon leaked a descriptor without close-on-exec; stdin
+    // is /dev/null, not the status socket.
+    let mut actions = PosixSpawnFileActions::init().map_err(setup)?;
     for fd in open_fds().into_iter().filter(|fd| *fd > 2) {
-        actions.add_close(fd).map_err(|e| e.to_string())?;
+        actions.add_close(fd).map_err(setup)?;
     }
-    posix_spawn(path.as_c_str(), &actions, &attr, &argv, &envp).map_err(|e| e.desc().to_string())
+    actions
+        .add_open(0, "/dev/null", OFlag::O_RDONLY, Mode::empty())
+        .map_err(setup)?;
+    posix_spawn(path.as_c_str(), &actions, &attr, &argv, &envp).map_err(|e| Status::SpawnError {
+        errno: e as i32,
+        message: e.desc().to_string(),
+    })
 }
 
 /// The descriptors open in this process (the one used to list them is
@@ -180,12 +326,289 @@ fn open_fds() -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// Ends the launcher by the signal that ended the program (without a core
-/// dump of the launcher), so the daemon sees the same status.
-fn exit_by(signal: Signal) -> i32 {
-    let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
-    let _ = SigSet::from(signal).thread_unblock();
-    let _ = raise(signal);
-    // Still alive: the signal is ignored here (SIGPIPE under Rust's runtime).
-    128 + signal as i32
+/// The running launcher.
+struct Launcher {
+    socket: UnixStream,
+    signals: SignalFd,
+    daemon_pid: Pid,
+    /// The program, leader of its own process group.
+    program: Pid,
+    /// Whether the program's end was reaped (and reported).
+    program_reaped: bool,
+    /// Bytes of an order not complete yet.
+    inbox: Vec<u8>,
+}
+
+impl Launcher {
+    /// Runs until the job is over; returns the exit code.
+    fn supervise(&mut self) -> i32 {
+        loop {
+            let (signalled, ordered) = self.wait(true, PollTimeout::NONE);
+            if signalled {
+                for signal in self.take_signals() {
+                    match signal {
+                        Signal::SIGCHLD | Signal::SIGPIPE => {}
+                        // The daemon is gone (the parent-death signal).
+                        Signal::SIGTERM if getppid() != self.daemon_pid => return self.sweep(),
+                        Signal::SIGTERM => self.terminate(),
+                        // Meant for the command.
+                        other => {
+                            if !self.program_reaped {
+                                let _ = killpg(self.program, other);
+                            }
+                        }
+                    }
+                }
+                if !self.reap() && self.program_reaped {
+                    // The program ended and left nothing behind.
+                    return 0;
+                }
+            }
+            if ordered {
+                match self.take_orders() {
+                    None => return self.sweep(),
+                    Some(orders) => {
+                        for order in orders {
+                            match order {
+                                Order::Term => self.terminate(),
+                                Order::Kill => return self.sweep(),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for a signal or (with `socket`) an order; returns which came.
+    fn wait(&self, socket: bool, timeout: PollTimeout) -> (bool, bool) {
+        let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        if socket {
+            fds.push(PollFd::new(self.socket.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) => {
+                let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+                (ready(&fds[0]), fds.get(1).is_some_and(ready))
+            }
+            Err(_) => (false, false),
+        }
+    }
+
+    /// The signals received since the last call.
+    fn take_signals(&self) -> Vec<Signal> {
+        let mut signals = Vec::new();
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            if let Ok(signal) = Signal::try_from(info.ssi_signo as i32) {
+                signals.push(signal);
+            }
+        }
+        signals
+    }
+
+    /// The complete orders read from the socket, or `None` at its end.
+    fn take_orders(&mut self) -> Option<Vec<Order>> {
+        let mut buf = [0u8; 256];
+        match self.socket.read(&mut buf) {
+            Ok(0) => return None,
+            Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+        let mut orders = Vec::new();
+        while let Some(end) = self.inbox.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.inbox.drain(..=end).collect();
+            orders.extend(Order::parse(&line[..end]));
+        }
+        if self.inbox.len() > 1024 {
+            self.inbox.clear();
+        }
+        Some(orders)
+    }
+
+    fn send(&mut self, status: &Status) {
+        // A daemon that is gone cannot be told; the end of the socket will
+        // make the launcher sweep.
+        let _ = self.socket.write_all(format!("{status}\n").as_bytes());
+    }
+
+    /// SIGTERM to the program's group and to every other descendant.
+    fn terminate(&mut self) {
+        if !self.program_reaped {
+            let _ = killpg(self.program, Signal::SIGTERM);
+        }
+        for p in descendants() {
+            // The group's members got it from killpg already.
+            if self.program_reaped || p.pgid != self.program.as_raw() {
+                let _ = kill(Pid::from_raw(p.pid), Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// SIGKILLs every descendant and reaps them until no child is left, or
+    /// until [`SWEEP_LIMIT`]; returns the exit code.
+    fn sweep(&mut self) -> i32 {
+        let deadline = Instant::now() + SWEEP_LIMIT;
+        loop {
+            if !self.program_reaped {
+                let _ = killpg(self.program, Signal::SIGKILL);
+            }
+            for p in descendants() {
+                let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+            }
+            if !self.reap() {
+                return 0;
+            }
+            if Instant::now() >= deadline {
+                return SWEEP_GAVE_UP;
+            }
+            // Wait for the next child to end (its children are ours then).
+            self.wait(false, PollTimeout::from(10u8));
+            self.take_signals();
+        }
+    }
+
+    /// Reaps every child that has ended, reporting the program's end;
+    /// returns whether any child is left.
+    fn reap(&mut self) -> bool {
+        let peek = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        loop {
+            match waitid(Id::All, peek) {
+                Ok(WaitStatus::StillAlive) => return true,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else { return true };
+                    let end = match status {
+                        WaitStatus::Exited(_, code) => Some(Status::Exited(code)),
+                        WaitStatus::Signaled(_, signal, _) => Some(Status::Signaled(signal as i32)),
+                        _ => None,
+                    };
+                    self.reap_one(pid, end);
+                }
+                // A child died of a signal nix has no name for (a
+                // real-time one): reap the zombies by their /proc entries.
+                Err(Errno::EINVAL) => {
+                    if !self.reap_unnamed() {
+                        return true;
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                // ECHILD: no child at all.
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Reaps child `pid`, which has ended as `end`; reports it if it is
+    /// the program. (An end that could not be read is not reported: the
+    /// daemon then sees the socket close without one, a launcher failure.)
+    fn reap_one(&mut self, pid: Pid, end: Option<Status>) {
+        let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+        if pid == self.program && !self.program_reaped {
+            self.program_reaped = true;
+            if let Some(end) = end {
+                self.send(&end);
+            }
+        }
+    }
+
+    /// Reaps the zombie children listed in /proc, with the status the
+    /// kernel shows there; returns whether there was any.
+    fn reap_unnamed(&mut self) -> bool {
+        let me = getpid().as_raw();
+        let zombies: Vec<ProcStat> = proc_stats()
+            .into_iter()
+            .filter(|p| p.ppid == me && p.state == 'Z')
+            .collect();
+        for z in &zombies {
+            let end = z.exit_code.map(|raw| match raw & 0x7f {
+                0 => Status::Exited((raw >> 8) & 0xff),
+                signal => Status::Signaled(signal),
+            });
+            self.reap_one(Pid::from_raw(z.pid), end);
+        }
+        !zombies.is_empty()
+    }
+}
+
+/// One process as /proc/PID/stat shows it.
+struct ProcStat {
+    pid: i32,
+    state: char,
+    ppid: i32,
+    pgid: i32,
+    /// The status `waitpid` will report (field 52).
+    exit_code: Option<i32>,
+}
+
+/// Every process in /proc.
+fn proc_stats() -> Vec<ProcStat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold anything, parentheses included.
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        Some(ProcStat {
+            pid,
+            state: fields.first()?.chars().next()?,
+            ppid: fields.get(1)?.parse().ok()?,
+            pgid: fields.get(2)?.parse().ok()?,
+            exit_code: fields.get(49).and_then(|f| f.parse().ok()),
+        })
+    })
+    .collect()
+}
+
+/// Every descendant of this process (children, their children, ...).
+fn descendants() -> Vec<ProcStat> {
+    let mut by_parent: HashMap<i32, Vec<ProcStat>> = HashMap::new();
+    for p in proc_stats() {
+        by_parent.entry(p.ppid).or_default().push(p);
+    }
+    let mut found = Vec::new();
+    let mut parents = vec![getpid().as_raw()];
+    while let Some(parent) = parents.pop() {
+        for child in by_parent.remove(&parent).unwrap_or_default() {
+            parents.push(child.pid);
+            found.push(child);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_orders_round_trip() {
+        for status in [
+            Status::Started(42),
+            Status::SpawnError {
+                errno: 8,
+                message: "Exec format error".into(),
+            },
+            Status::Error("PR_SET_CHILD_SUBREAPER: EPERM".into()),
+            Status::Exited(3),
+            Status::Exited(0),
+            Status::Signaled(13),
+        ] {
+            assert_eq!(Status::parse(&status.to_string()), Some(status.clone()));
+        }
+        assert_eq!(
+            Status::Error("two\nlines".into()).to_string(),
+            "error two lines"
+        );
+        for bad in ["", "started", "exited x", "spawn-error x y", "hello 1"] {
+            assert_eq!(Status::parse(bad), None, "{bad:?}");
+        }
+        for order in [Order::Term, Order::Kill] {
+            let line = order.line();
+            assert_eq!(Order::parse(&line[..line.len() - 1]), Some(order));
+        }
+        assert_eq!(Order::parse(b"stop"), None);
+    }
 }

@@ -1,28 +1,36 @@
 //! Running one command: request-time argument validation, per-element
 //! `{{.name}}` substitution into argv, and the process itself — no shell, a
 //! fixed PATH and a clean environment, its own process group, output caps,
-//! timeout and cancellation with SIGTERM then SIGKILL of the whole group.
+//! timeout and cancellation with SIGTERM then SIGKILL of every descendant.
 //!
-//! Processes are forked by one long-lived spawner thread through the
-//! [launcher](super::launcher), so a daemon killed with SIGKILL takes its
+//! Commands are started by the [launcher](super::launcher), forked by one
+//! long-lived spawner thread. The runner talks to it over the status
+//! socket: the command's start and end come from there (not from the
+//! launcher's exit status), and `term`/`kill` go there; the launcher does
+//! the signalling, so that descendants which left the command's process
+//! group are reached too, and a daemon killed with SIGKILL takes its
 //! commands with it.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
 
+use super::launcher::{LAUNCHER_NAME, Order, Status};
 use super::tool::{Arg, ArgType, Command, Segment};
 
 /// The only PATH commands see, and the one bare program names are looked
@@ -334,6 +342,27 @@ impl RunOutcome {
     }
 }
 
+/// How long the launcher may take to sweep and exit after `kill` before
+/// the runner SIGKILLs it and the command's process group itself.
+const LAUNCHER_EXIT_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long output is still read after the launcher swept and exited (its
+/// writers are all dead by then: only what is buffered is left).
+const FINAL_DRAIN: Duration = Duration::from_millis(100);
+
+/// Where a run stands on its way to stopping the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    /// Running untouched.
+    Running,
+    /// `term` was sent; `kill` follows after the grace period.
+    Terminating,
+    /// `kill` was sent; the launcher sweeps and exits.
+    Killing,
+    /// The launcher did not exit in time and was SIGKILLed.
+    Forced,
+}
+
 /// Starts and supervises commands.
 #[derive(Debug, Clone)]
 pub struct Runner {
@@ -346,11 +375,13 @@ impl Runner {
         Runner { settings }
     }
 
-    /// Runs `spec` to its end: until the main process exits (then at most
-    /// `drain_after_exit` more of output, then SIGKILL to whatever is left
-    /// of its group), or until the timeout or `cancel` (then SIGTERM to the
-    /// group, SIGKILL after the grace period). `on_start` is called once the
-    /// process exists. Never fails: problems are in [`RunOutcome::end`].
+    /// Runs `spec` through the launcher to its end: until the main process
+    /// exits (then at most `drain_after_exit` more of output, then every
+    /// descendant left is killed), or until the timeout or `cancel` (then
+    /// SIGTERM to every descendant, SIGKILL after the grace period).
+    /// `on_start` is called once the launcher runs. Never fails: problems
+    /// are in [`RunOutcome::end`]. Dropping the future closes the status
+    /// socket, which makes the launcher kill everything and exit.
     pub async fn run(
         &self,
         spec: RunSpec,
@@ -385,6 +416,13 @@ impl Runner {
             );
             return early_end(RunEnd::Error(e), None);
         }
+        let (status_socket, launcher_end) = match status_socket_pair() {
+            Ok(pair) => pair,
+            Err(e) => {
+                let e = format!("could not start: no status socket: {e}");
+                return early_end(RunEnd::Error(e), None);
+            }
+        };
 
         let mut command = tokio::process::Command::new(&self.settings.launcher);
         command
@@ -393,7 +431,7 @@ impl Runner {
             .args(&spec.argv)
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(OwnedFd::from(launcher_end)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -401,68 +439,101 @@ impl Runner {
         if let Some(dir) = &spec.workdir {
             command.current_dir(dir);
         }
-        let mut child = match spawn_from_spawner_thread(command).await {
+        let mut launcher = match spawn_from_spawner_thread(command).await {
             Ok(child) => child,
             Err(e) => return early_end(RunEnd::Error(format!("could not start: {e}")), None),
         };
         let started_at = SystemTime::now();
         on_start(started_at);
-        let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
-            return early_end(RunEnd::Error("could not start: no process id".into()), None);
-        };
-        // Kills whatever is left of the group when this run ends, however
-        // it ends (including this future being dropped).
-        let group = GroupGuard(Pid::from_raw(pid));
+        let launcher_pid = launcher
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
 
         let stdout = Arc::new(Mutex::new(Output::default()));
         let stderr = Arc::new(Mutex::new(Output::default()));
-        let mut drains = Vec::with_capacity(2);
-        if let Some(out) = child.stdout.take() {
-            drains.push(tokio::spawn(drain(
-                out,
-                spec.max_output_bytes,
-                stdout.clone(),
-            )));
+        let mut drains = JoinSet::new();
+        if let Some(out) = launcher.stdout.take() {
+            drains.spawn(drain(out, spec.max_output_bytes, stdout.clone()));
         }
-        if let Some(err) = child.stderr.take() {
-            drains.push(tokio::spawn(drain(
-                err,
-                spec.max_output_bytes,
-                stderr.clone(),
-            )));
+        if let Some(err) = launcher.stderr.take() {
+            drains.spawn(drain(err, spec.max_output_bytes, stderr.clone()));
         }
 
+        let (reader, mut orders) = status_socket.into_split();
+        let mut statuses = BufReader::new(reader).lines();
+        let mut program_pid = None;
         let mut cancelled = None;
-        let status = tokio::select! {
-            status = child.wait() => status,
-            () = tokio::time::sleep(spec.timeout) => {
-                cancelled = Some(CancelReason::Timeout(spec.timeout));
-                self.terminate(&group, &mut child).await
-            }
-            reason = cancelled_by(&mut cancel) => {
-                cancelled = Some(reason);
-                self.terminate(&group, &mut child).await
+        let mut stage = Stage::Running;
+        let timeout = tokio::time::sleep(spec.timeout);
+        let grace = tokio::time::sleep(Duration::ZERO);
+        let exit_limit = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timeout, grace, exit_limit);
+        let end = loop {
+            tokio::select! {
+                line = statuses.next_line() => match line {
+                    Ok(Some(line)) => match Status::parse(&line) {
+                        Some(Status::Started(pid)) => program_pid = Some(Pid::from_raw(pid)),
+                        Some(Status::Exited(code)) => break RunEnd::Exited(code),
+                        Some(Status::Signaled(signal)) => break RunEnd::Signaled(signal),
+                        Some(Status::SpawnError { message, .. }) => {
+                            break RunEnd::Error(format!(
+                                "could not start: {}: {message}",
+                                program.display()
+                            ));
+                        }
+                        Some(Status::Error(message)) => {
+                            break RunEnd::Error(format!(
+                                "could not start: {LAUNCHER_NAME}: {message}"
+                            ));
+                        }
+                        None => tracing::warn!(line, "unexpected status line from the launcher"),
+                    },
+                    Ok(None) | Err(_) => break RunEnd::Error(launcher_died(&mut launcher).await),
+                },
+                () = &mut timeout, if stage == Stage::Running => {
+                    cancelled = Some(CancelReason::Timeout(spec.timeout));
+                    stage = Stage::Terminating;
+                    send(&mut orders, Order::Term).await;
+                    grace.as_mut().reset(tokio::time::Instant::now() + self.settings.kill_grace);
+                }
+                reason = cancelled_by(&mut cancel), if stage == Stage::Running => {
+                    cancelled = Some(reason);
+                    stage = Stage::Terminating;
+                    send(&mut orders, Order::Term).await;
+                    grace.as_mut().reset(tokio::time::Instant::now() + self.settings.kill_grace);
+                }
+                () = &mut grace, if stage == Stage::Terminating => {
+                    stage = Stage::Killing;
+                    send(&mut orders, Order::Kill).await;
+                    exit_limit.as_mut().reset(tokio::time::Instant::now() + LAUNCHER_EXIT_LIMIT);
+                }
+                () = &mut exit_limit, if stage == Stage::Killing => {
+                    stage = Stage::Forced;
+                    force_kill(launcher_pid, program_pid);
+                }
             }
         };
 
         // The main process is gone: give the pipes a moment to empty (a
-        // background grandchild may hold them open forever), then end the
-        // group and keep what was read.
-        let all_drained = async {
-            for d in &mut drains {
-                let _ = d.await;
-            }
-        };
+        // background grandchild may hold them open forever), then have the
+        // launcher kill whatever is left and keep what was read.
+        let all_drained = async { while drains.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(self.settings.drain_after_exit, all_drained).await;
-        group.kill(Signal::SIGKILL);
-        for d in &drains {
-            d.abort();
+        if stage < Stage::Killing {
+            send(&mut orders, Order::Kill).await;
         }
+        if tokio::time::timeout(LAUNCHER_EXIT_LIMIT, launcher.wait())
+            .await
+            .is_err()
+        {
+            force_kill(launcher_pid, program_pid);
+            let _ = launcher.wait().await;
+        }
+        let all_drained = async { while drains.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(FINAL_DRAIN, all_drained).await;
+        drains.abort_all();
         let take = |o: &Arc<Mutex<Output>>| std::mem::take(&mut *lock(o));
-        let end = match status {
-            Ok(status) => end_of(status),
-            Err(e) => RunEnd::Error(format!("waiting for the command failed: {e}")),
-        };
         RunOutcome {
             end,
             cancelled,
@@ -473,30 +544,46 @@ impl Runner {
             duration: start.elapsed(),
         }
     }
-
-    /// SIGTERM to the group, SIGKILL after the grace period; returns the
-    /// main process's status.
-    async fn terminate(
-        &self,
-        group: &GroupGuard,
-        child: &mut tokio::process::Child,
-    ) -> io::Result<ExitStatus> {
-        group.kill(Signal::SIGTERM);
-        match tokio::time::timeout(self.settings.kill_grace, child.wait()).await {
-            Ok(status) => status,
-            Err(_) => {
-                group.kill(Signal::SIGKILL);
-                child.wait().await
-            }
-        }
-    }
 }
 
-fn end_of(status: ExitStatus) -> RunEnd {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => RunEnd::Exited(code),
-        (None, Some(signal)) => RunEnd::Signaled(signal),
-        (None, None) => RunEnd::Error(format!("unexpected process status {status}")),
+/// The status socket: the runner's end (non-blocking, for tokio) and the
+/// launcher's end (its stdin). Both are close-on-exec, so no other
+/// launcher inherits them.
+fn status_socket_pair() -> io::Result<(UnixStream, std::os::unix::net::UnixStream)> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_nonblocking(true)?;
+    Ok((UnixStream::from_std(ours)?, theirs))
+}
+
+/// Sends `order` to the launcher. A launcher that is gone cannot be told;
+/// the end of its status socket says so.
+async fn send(orders: &mut OwnedWriteHalf, order: Order) {
+    let _ = orders.write_all(order.line()).await;
+}
+
+/// The error of a job whose launcher closed the status socket before
+/// reporting how the command ended.
+async fn launcher_died(launcher: &mut tokio::process::Child) -> String {
+    let how = match tokio::time::timeout(Duration::from_secs(1), launcher.wait()).await {
+        Ok(Ok(status)) => format!(" ({status})"),
+        _ => String::new(),
+    };
+    format!("the launcher ({LAUNCHER_NAME}) died before reporting how the command ended{how}")
+}
+
+/// The fallback when the launcher does not exit after `kill`: SIGKILL to
+/// it and to the command's process group. Descendants outside the group
+/// may survive this; it only happens if the launcher hangs.
+fn force_kill(launcher: Option<Pid>, program: Option<Pid>) {
+    tracing::warn!(
+        launcher = launcher.map(Pid::as_raw),
+        "the launcher did not exit in time; killing it and the command's process group"
+    );
+    if let Some(pid) = launcher {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    if let Some(group) = program {
+        let _ = killpg(group, Signal::SIGKILL);
     }
 }
 
@@ -509,22 +596,6 @@ async fn cancelled_by(cancel: &mut watch::Receiver<Option<CancelReason>>) -> Can
             // Nobody can cancel any more.
             std::future::pending::<()>().await;
         }
-    }
-}
-
-/// A process group that is sent SIGKILL when the guard is dropped.
-struct GroupGuard(Pid);
-
-impl GroupGuard {
-    fn kill(&self, signal: Signal) {
-        // ESRCH (group already gone) is the normal case at the end.
-        let _ = killpg(self.0, signal);
-    }
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        self.kill(Signal::SIGKILL);
     }
 }
 
@@ -550,25 +621,21 @@ async fn drain(mut reader: impl AsyncRead + Unpin, cap: usize, into: Arc<Mutex<O
     }
 }
 
-/// The program to execute: an absolute path as is, a bare name looked up on
-/// [`FIXED_PATH`].
+/// The program to execute: an absolute path as is (whether it can be
+/// executed is the launcher's to find out, and to report), a bare name
+/// looked up on [`FIXED_PATH`].
 ///
 /// # Errors
 ///
-/// When it does not exist or is not an executable file.
+/// When a bare name is not an executable file in any directory of the PATH.
 pub fn resolve_program(program: &str) -> Result<PathBuf, String> {
     use std::os::unix::fs::PermissionsExt;
+    if program.starts_with('/') {
+        return Ok(PathBuf::from(program));
+    }
     let executable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    if program.starts_with('/') {
-        let path = PathBuf::from(program);
-        return if executable(&path) {
-            Ok(path)
-        } else {
-            Err(format!("{program} is not an executable file"))
-        };
-    }
     FIXED_PATH
         .split(':')
         .map(|dir| Path::new(dir).join(program))
@@ -596,18 +663,23 @@ fn spawner() -> Option<&'static mpsc::Sender<SpawnRequest>> {
             let thread = std::thread::Builder::new()
                 .name("tailkitd-spawner".into())
                 .spawn(move || {
-                    for mut request in rx {
-                        let result = {
-                            let _runtime = request.runtime.enter();
-                            request.command.spawn()
-                        };
-                        if let Err(Ok(child)) = request.reply.send(result) {
-                            // The run was dropped meanwhile: nobody will
-                            // supervise this child.
-                            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-                                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                            }
-                        }
+                    for request in rx {
+                        let SpawnRequest {
+                            mut command,
+                            runtime,
+                            reply,
+                        } = request;
+                        let _runtime = runtime.enter();
+                        let result = command.spawn();
+                        // The launcher's end of the status socket must not
+                        // stay open here: its end is how the runner learns
+                        // that the launcher died.
+                        drop(command);
+                        // If the run was dropped meanwhile, so was its end
+                        // of the status socket: the launcher kills what it
+                        // started and exits, and the child is reaped by
+                        // tokio once dropped here.
+                        let _ = reply.send(result);
                     }
                 })
                 .ok();
@@ -870,6 +942,10 @@ mod tests {
             PathBuf::from("/bin/sh")
         );
         assert!(resolve_program("no-such-program-tailkitd").is_err());
-        assert!(resolve_program("/etc/passwd").is_err(), "not executable");
+        assert_eq!(
+            resolve_program("/etc/passwd").unwrap(),
+            PathBuf::from("/etc/passwd"),
+            "the launcher reports what cannot be executed"
+        );
     }
 }
