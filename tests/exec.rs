@@ -763,6 +763,43 @@ fn the_examples_validate_and_bad_files_are_reported() {
     assert_eq!(stdout.trim(), expected);
 }
 
+#[test]
+fn validate_refuses_patterns_that_escape_the_whole_value_anchor() {
+    let bin = env!("CARGO_BIN_EXE_tailkitd");
+    let dir = tempfile::tempdir().unwrap();
+    for (file, pattern) in [("alt.json", "a)|(b"), ("any.json", "[a-z]+)|(.*")] {
+        let tool = serde_json::json!({
+            "name": file.trim_end_matches(".json"),
+            "commands": [{
+                "name": "c",
+                "exec_parts": ["/bin/echo", "{{.x}}"],
+                "args": [{"name": "x", "pattern": pattern}],
+            }],
+        });
+        std::fs::write(dir.path().join(file), tool.to_string()).unwrap();
+    }
+    let out = std::process::Command::new(bin)
+        .arg("validate")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for file in ["alt.json", "any.json"] {
+        let expected = format!(
+            "{}: commands[0].args[0].pattern: does not compile",
+            dir.path().join(file).display()
+        );
+        assert!(stdout.contains(&expected), "{expected:?} not in {stdout}");
+    }
+
+    // And the registry refuses them at load, so no request can use them.
+    let registry = Registry::load(dir.path(), ToolLimits::default());
+    assert_eq!(registry.counts(), (0, 0));
+    assert!(registry.lookup("alt", "c").is_none());
+    assert!(registry.lookup("any", "c").is_none());
+}
+
 #[tokio::test]
 async fn the_example_tools_run() {
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tools");

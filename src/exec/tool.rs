@@ -947,6 +947,18 @@ mod tests {
             ),
             (
                 &one_command(
+                    r#"{"name": "c", "exec_parts": ["true"], "args": [{"name": "x", "pattern": "a)|(b"}]}"#,
+                ),
+                "commands[0].args[0].pattern: does not compile",
+            ),
+            (
+                &one_command(
+                    r#"{"name": "c", "exec_parts": ["true"], "args": [{"name": "x", "pattern": "[a-z]+)|(.*"}]}"#,
+                ),
+                "commands[0].args[0].pattern: does not compile",
+            ),
+            (
+                &one_command(
                     r#"{"name": "c", "exec_parts": ["true"], "args": [{"name": "x", "type": "float"}]}"#,
                 ),
                 "commands[0].args[0].type:",
