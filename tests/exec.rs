@@ -596,7 +596,7 @@ async fn shutdown_lets_short_jobs_finish_and_cancels_the_rest() {
     assert_eq!(get(&short).status.as_str(), "completed");
     let long = get(&long);
     assert_eq!(long.status.as_str(), "cancelled");
-    assert!(long.error.unwrap().contains("shutting down"));
+    assert!(long.error.as_deref().unwrap().contains("shutting down"));
     let finished: Vec<Value> = d
         .audit_records()
         .into_iter()
