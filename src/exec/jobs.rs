@@ -226,11 +226,6 @@ impl JobStore {
         JobStore { shared }
     }
 
-    /// The limits in force.
-    pub fn limits(&self) -> JobLimits {
-        self.shared.limits
-    }
-
     /// Creates a job in state `accepted` owned by `owner`, taking a slot.
     ///
     /// # Errors
@@ -384,11 +379,6 @@ impl JobStore {
     /// Refuses new jobs from now on ([`AdmitError::ShuttingDown`]).
     pub fn begin_shutdown(&self) {
         self.shared.lock().shutting_down = true;
-    }
-
-    /// Whether [`JobStore::begin_shutdown`] was called.
-    pub fn is_shutting_down(&self) -> bool {
-        self.shared.lock().shutting_down
     }
 
     /// Cancels every job that is not terminal with `reason`.
