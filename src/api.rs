@@ -640,7 +640,7 @@ async fn exec_command(
         let jobs = api.inner.executor.jobs();
         let result = jobs.wait(id, &caller.identity, wait).await;
         if let Some(result) = result.filter(|r| r.status.is_terminal()) {
-            return Ok(Json(result).into_response());
+            return Ok(Json(&*result).into_response());
         }
     }
     let accepted = serde_json::json!({"job_id": id.to_string(), "status": "accepted"});
@@ -686,8 +686,9 @@ async fn get_job(
         Some(wait) => jobs.wait(id, &caller.identity, wait).await,
         None => jobs.get(id, &caller.identity),
     };
+    // Serialized here, outside the store lock, from the shared result.
     result
-        .map(|r| Json(r).into_response())
+        .map(|r| Json(&*r).into_response())
         .ok_or_else(ApiError::job_not_found)
 }
 
@@ -713,7 +714,7 @@ async fn delete_job(
         .jobs()
         .wait(id, &caller.identity, bound)
         .await
-        .map(|r| Json(r).into_response())
+        .map(|r| Json(&*r).into_response())
         .ok_or_else(ApiError::job_not_found)
 }
 

@@ -665,25 +665,40 @@ async fn a_sigkilled_daemon_leaves_no_command() {
 // ---------------------------------------------------------------------------
 // output
 
+/// Peak resident memory of this process so far (`VmHWM`), in KiB.
+fn vm_hwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Not a test on its own: run by `an_output_flood_is_capped_and_memory_stays_bounded`
+/// in a process of its own, so that the peak it measures is the flood's and
+/// no other test's. Writes `baseline peak` (KiB) to the report file.
 #[tokio::test]
-async fn an_output_flood_is_capped_and_memory_stays_bounded() {
-    fn vm_hwm_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
+#[ignore = "helper process for an_output_flood_is_capped_and_memory_stays_bounded"]
+async fn helper_run_an_output_flood() {
+    let Ok(report) = std::env::var("TAILKITD_TEST_FLOOD_REPORT") else {
+        return;
+    };
     let d = Daemon::command(
         json!([
             "/bin/sh",
             "-c",
-            "yes tailkitd | head -c 52428800; head -c 3000000 /dev/zero | tr '\\0' e >&2"
+            "yes tailkitd | head -c $0; head -c $1 /dev/zero | tr '\\0' e >&2",
+            "{{.out}}",
+            "{{.err}}"
         ]),
-        json!([]),
+        json!([{"name": "out", "type": "int"}, {"name": "err", "type": "int"}]),
         settings(),
     );
-    let before = vm_hwm_kib();
-    let r = d.run("").await;
-    let grown_mib = (vm_hwm_kib().saturating_sub(before)) / 1024;
+    // A small run first, so that the baseline already holds what any job
+    // needs (code paged in, runtime threads, buffers).
+    let small = d.run(r#"{"out": 1000, "err": 1000}"#).await;
+    assert_eq!(small["status"], "completed", "{}", small["error"]);
+    let baseline = vm_hwm_kib();
+    let r = d.run(r#"{"out": 52428800, "err": 3000000}"#).await;
+    let peak = vm_hwm_kib();
     assert_eq!(r["status"], "completed", "{}", r["error"]);
     assert_eq!(r["stdout"].as_str().unwrap().len(), 1 << 20);
     assert!(
@@ -698,17 +713,59 @@ async fn an_output_flood_is_capped_and_memory_stays_bounded() {
     let finished = d
         .audit_records()
         .into_iter()
-        .find(|r| r["event"] == "exec.finished")
+        .filter(|r| r["event"] == "exec.finished")
+        .nth(1)
         .unwrap();
     assert_eq!(
         finished["stdout_bytes"], 52_428_800,
         "every byte was counted"
     );
     assert_eq!(finished["stderr_bytes"], 3_000_000);
-    // Keeping the flood would take 50 MiB and more; the caps keep it to a
-    // few MiB (other tests run in this process too, hence the margin).
-    eprintln!("peak memory grew by {grown_mib} MiB");
-    assert!(grown_mib < 32, "peak memory grew by {grown_mib} MiB");
+    std::fs::write(report, format!("{baseline} {peak}")).unwrap();
+}
+
+#[tokio::test]
+async fn an_output_flood_is_capped_and_memory_stays_bounded() {
+    // In this process the peak may already be higher than anything the
+    // flood could reach (other tests run here), which would make the
+    // measurement vacuous: run the flood in a fresh process instead.
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("hwm");
+    let out = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_run_an_output_flood",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TAILKITD_TEST_FLOOD_REPORT", &report)
+        .output()
+        .await
+        .unwrap();
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the flood helper failed:\n{logs}");
+    let report = std::fs::read_to_string(&report).expect("the helper wrote its report");
+    let [baseline, peak]: [u64; 2] = report
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    let grown_mib = peak.saturating_sub(baseline) / 1024;
+    eprintln!("flood helper: peak {peak} KiB, {grown_mib} MiB over its baseline {baseline} KiB");
+    // The kept result alone is 2 MiB (and the answer's JSON as much again),
+    // so a peak that did not move means the measurement saw nothing.
+    assert!(
+        peak >= baseline + 2048,
+        "the peak did not rise with the result: {baseline} -> {peak} KiB"
+    );
+    // Keeping the flood would take over 50 MiB; the caps keep it to a few.
+    assert!(grown_mib < 24, "peak memory grew by {grown_mib} MiB");
 }
 
 #[tokio::test]
@@ -847,7 +904,7 @@ async fn shutdown_lets_short_jobs_finish_and_cancels_the_rest() {
     assert_eq!(get(&short).status.as_str(), "completed");
     let long = get(&long);
     assert_eq!(long.status.as_str(), "cancelled");
-    assert!(long.error.unwrap().contains("shutting down"));
+    assert!(long.error.as_deref().unwrap().contains("shutting down"));
     let finished: Vec<Value> = d
         .audit_records()
         .into_iter()
@@ -1012,6 +1069,43 @@ fn the_examples_validate_and_bad_files_are_reported() {
         dir.path().join("bad.json").display()
     );
     assert_eq!(stdout.trim(), expected);
+}
+
+#[test]
+fn validate_refuses_patterns_that_escape_the_whole_value_anchor() {
+    let bin = env!("CARGO_BIN_EXE_tailkitd");
+    let dir = tempfile::tempdir().unwrap();
+    for (file, pattern) in [("alt.json", "a)|(b"), ("any.json", "[a-z]+)|(.*")] {
+        let tool = serde_json::json!({
+            "name": file.trim_end_matches(".json"),
+            "commands": [{
+                "name": "c",
+                "exec_parts": ["/bin/echo", "{{.x}}"],
+                "args": [{"name": "x", "pattern": pattern}],
+            }],
+        });
+        std::fs::write(dir.path().join(file), tool.to_string()).unwrap();
+    }
+    let out = std::process::Command::new(bin)
+        .arg("validate")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for file in ["alt.json", "any.json"] {
+        let expected = format!(
+            "{}: commands[0].args[0].pattern: does not compile",
+            dir.path().join(file).display()
+        );
+        assert!(stdout.contains(&expected), "{expected:?} not in {stdout}");
+    }
+
+    // And the registry refuses them at load, so no request can use them.
+    let registry = Registry::load(dir.path(), ToolLimits::default());
+    assert_eq!(registry.counts(), (0, 0));
+    assert!(registry.lookup("alt", "c").is_none());
+    assert!(registry.lookup("any", "c").is_none());
 }
 
 #[tokio::test]

@@ -349,6 +349,52 @@ async fn exec_checks_come_in_spec_order() {
 }
 
 #[tokio::test]
+async fn a_caller_without_the_capability_gets_403_before_413() {
+    let f = fixture();
+    let big = "x".repeat(64 * 1024 + 1);
+    let (s, v) = call(&f, "POST", "/exec/demo/closed", &big, alice(&[])).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // Also when the size is only declared (refused before reading).
+    let b = request("POST", "/exec/demo/closed").header("content-length", "1000000");
+    let who = PeerIdentity::known(peer(), alice(&[]));
+    let (s, v, _) = send(&f, b, "", Some(who)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // With the capability, the same body is a 413.
+    let caps = ["example.com/cap/x"];
+    let (s, _) = call(&f, "POST", "/exec/demo/closed", &big, alice(&caps)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn bad_arguments_get_400_before_429_when_every_slot_is_busy() {
+    let f = fixture();
+    let jobs = f.api.executor().jobs();
+    let max_jobs = f.api.executor().settings().max_jobs;
+    for _ in 0..max_jobs {
+        jobs.admit(alice(&[]).owner(), "demo", "open").unwrap();
+    }
+    for (path, body) in [
+        ("/exec/demo/open", r#"{"word": "A"}"#),
+        ("/exec/demo/open", r#"{"nope": "a"}"#),
+        ("/exec/demo/open", "[1]"),
+        ("/exec/demo/open?wait=soon", "{}"),
+    ] {
+        let (s, v) = call(&f, "POST", path, body, alice(&[])).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path} {body}: {v}");
+    }
+    // The slots really are busy: a valid request is a 429.
+    let (s, _) = call(
+        &f,
+        "POST",
+        "/exec/demo/open",
+        r#"{"word": "a"}"#,
+        alice(&[]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
 async fn a_declared_oversized_body_is_refused_before_reading() {
     let f = fixture();
     let b = request("POST", "/exec/demo/open").header("content-length", "1000000");

@@ -19,20 +19,25 @@ pub enum DurationError {
     Overflow(String),
 }
 
-/// Go's `time.Duration` maximum, in nanoseconds.
-const MAX_NANOS: u128 = i64::MAX as u128;
+/// Go's accumulator bound while parsing: `1 << 63`, one past
+/// `time.Duration`'s maximum (the magnitude of its minimum).
+const LIMIT: u64 = 1 << 63;
 
 /// Parses a Go duration string into a non-negative [`Duration`], with Go's
 /// rules: a sequence of decimal numbers, each with an optional fraction and a
 /// unit (`ns`, `us`, `µs`, `μs`, `ms`, `s`, `m`, `h`), an optional leading
-/// sign; the bare string `0` is zero. Fractions are truncated to whole
-/// nanoseconds as Go does.
+/// sign; the bare string `0` is zero. Fractions are handled as Go does: the
+/// leading fraction digits are kept while they fit in 63 bits, the rest are
+/// ignored, and the fraction is scaled to the unit in `f64` and truncated to
+/// whole nanoseconds, so every input gives the same value as in Go. All
+/// arithmetic is checked: no input panics or wraps.
 ///
 /// # Errors
 ///
 /// [`DurationError::Syntax`] for anything Go would refuse,
 /// [`DurationError::Negative`] for a negative non-zero value and
-/// [`DurationError::Overflow`] beyond Go's `time.Duration` range.
+/// [`DurationError::Overflow`] beyond Go's `time.Duration` range (Go's
+/// "invalid duration").
 ///
 /// ```
 /// use std::time::Duration;
@@ -44,6 +49,7 @@ const MAX_NANOS: u128 = i64::MAX as u128;
 /// ```
 pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
     let syntax = || DurationError::Syntax(input.to_string());
+    let overflow = || DurationError::Overflow(input.to_string());
     let mut s = input;
     let mut negative = false;
     if let Some(rest) = s.strip_prefix('-') {
@@ -58,7 +64,7 @@ pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
     if s.is_empty() {
         return Err(syntax());
     }
-    let mut total: u128 = 0;
+    let mut total: u64 = 0;
     while !s.is_empty() {
         let int_len = s.bytes().take_while(u8::is_ascii_digit).count();
         let (int_part, rest) = s.split_at(int_len);
@@ -77,7 +83,7 @@ pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
             .map_or(s.len(), |(i, _)| i);
         let (unit, rest) = s.split_at(unit_len);
         s = rest;
-        let unit_nanos: u128 = match unit {
+        let unit_nanos: u64 = match unit {
             "ns" => 1,
             "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
             "ms" => 1_000_000,
@@ -86,37 +92,68 @@ pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
             "h" => 3_600_000_000_000,
             _ => return Err(syntax()),
         };
-        let overflow = || DurationError::Overflow(input.to_string());
-        let mut value: u128 = 0;
-        for b in int_part.bytes() {
-            value = value * 10 + u128::from(b - b'0');
-            if value > MAX_NANOS {
-                return Err(overflow());
-            }
+        let value = leading_int(int_part).ok_or_else(overflow)?;
+        let mut nanos = value
+            .checked_mul(unit_nanos)
+            .filter(|n| *n <= LIMIT)
+            .ok_or_else(overflow)?;
+        let (frac, scale) = leading_fraction(frac_part);
+        if frac > 0 {
+            // Go: `v += uint64(float64(f) * (float64(unit) / scale))`. The
+            // fraction is below one, so the product is at most `unit_nanos`
+            // (rounding included) and the cast cannot saturate.
+            let part = (frac as f64 * (unit_nanos as f64 / scale)) as u64;
+            nanos = nanos
+                .checked_add(part)
+                .filter(|n| *n <= LIMIT)
+                .ok_or_else(overflow)?;
         }
-        let mut nanos = value.checked_mul(unit_nanos).ok_or_else(overflow)?;
-        // Go keeps at most the digits that can still change the result;
-        // 30 fractional digits is far past a nanosecond of an hour.
-        let mut frac: u128 = 0;
-        let mut scale: u128 = 1;
-        for b in frac_part.bytes().take(30) {
-            frac = frac * 10 + u128::from(b - b'0');
-            scale *= 10;
-        }
-        nanos += frac * unit_nanos / scale;
-        total = total.checked_add(nanos).ok_or_else(overflow)?;
-        if total > MAX_NANOS {
-            return Err(overflow());
-        }
+        total = total
+            .checked_add(nanos)
+            .filter(|t| *t <= LIMIT)
+            .ok_or_else(overflow)?;
     }
     if negative && total != 0 {
         return Err(DurationError::Negative(input.to_string()));
     }
-    // `total` fits in i64, so the casts below are lossless.
-    Ok(Duration::new(
-        (total / 1_000_000_000) as u64,
-        (total % 1_000_000_000) as u32,
-    ))
+    if total > LIMIT - 1 {
+        return Err(overflow());
+    }
+    Ok(Duration::from_nanos(total))
+}
+
+/// The value of a run of ASCII digits, as Go's `leadingInt`: `None` past
+/// `1 << 63`.
+fn leading_int(digits: &str) -> Option<u64> {
+    digits.bytes().try_fold(0u64, |x, b| {
+        x.checked_mul(10)?
+            .checked_add(u64::from(b - b'0'))
+            .filter(|x| *x <= LIMIT)
+    })
+}
+
+/// A run of fraction digits as Go's `leadingFraction`: the value of the
+/// leading digits that fit (`value * 10 + digit` stays within `1 << 63`) and
+/// `10^(digits kept)`; later digits are ignored.
+fn leading_fraction(digits: &str) -> (u64, f64) {
+    let mut value: u64 = 0;
+    let mut scale: f64 = 1.0;
+    for b in digits.bytes() {
+        let next = value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(b - b'0')))
+            .filter(|v| *v <= LIMIT);
+        match next {
+            // Go stops at `value > (1<<63 - 1) / 10` before multiplying;
+            // `checked_mul` and the bound above refuse the same digits.
+            Some(v) if value <= (LIMIT - 1) / 10 => {
+                value = v;
+                scale *= 10.0;
+            }
+            _ => break,
+        }
+    }
+    (value, scale)
 }
 
 /// Formats a duration the way Go's `Duration.String` does (`1m30s`, `300ms`),
@@ -213,6 +250,96 @@ mod tests {
         ));
         assert!(matches!(
             parse_go_duration("2562048h"),
+            Err(DurationError::Overflow(_))
+        ));
+    }
+
+    /// Expected values from Go 1.26's `time.ParseDuration`.
+    #[test]
+    fn long_fractions_keep_the_digits_go_keeps() {
+        let nanos = |n: u64| Ok(Duration::from_nanos(n));
+        // Used to overflow u128 (a panic in debug builds, 197 s in release).
+        assert_eq!(
+            parse_go_duration("0.99999999999999999999999999h"),
+            nanos(3_600_000_000_000)
+        );
+        assert_eq!(
+            parse_go_duration("0.9999999999999999999h"),
+            nanos(3_600_000_000_000)
+        );
+        assert_eq!(
+            parse_go_duration("0.3333333333333333333333333333333h"),
+            nanos(1_200_000_000_000)
+        );
+        assert_eq!(
+            parse_go_duration("0.123456789123456789123h"),
+            nanos(444_444_440_844)
+        );
+        assert_eq!(
+            parse_go_duration("1.0000000000000000000000000000000000000001s"),
+            nanos(1_000_000_000)
+        );
+        assert_eq!(
+            parse_go_duration(&format!("0.{}s", "9".repeat(10_000))),
+            nanos(1_000_000_000)
+        );
+        assert_eq!(
+            parse_go_duration(&format!("1.{}h", "0".repeat(10_000))),
+            nanos(3_600_000_000_000)
+        );
+        assert_eq!(
+            parse_go_duration("0.000000000000000000000000000001h"),
+            nanos(0)
+        );
+        assert_eq!(parse_go_duration("0.0000000001s"), nanos(0));
+        assert_eq!(
+            parse_go_duration("2562047.7h"),
+            nanos(9_223_371_720_000_000_000)
+        );
+        assert_eq!(
+            parse_go_duration("2562047h47m16.854775807s"),
+            nanos(i64::MAX as u64),
+            "the maximum itself"
+        );
+        assert_eq!(
+            parse_go_duration("9223372036854775807ns"),
+            nanos(i64::MAX as u64)
+        );
+    }
+
+    #[test]
+    fn overflow_is_an_error_never_a_panic() {
+        for bad in [
+            "9223372036854775808ns",
+            "18446744073709551616ns",
+            "99999999999999999999ns",
+            "99999999999999999999999999999999999999999h",
+            "2562047h47m16.854775808s",
+            "2562047h47m16.854775807999999999999s",
+            "2562048h",
+            "1000000h1000000h1000000h",
+            "2000000h2000000h",
+            "-9999999999h",
+        ] {
+            assert!(
+                matches!(parse_go_duration(bad), Err(DurationError::Overflow(_))),
+                "{bad:?} should overflow, got {:?}",
+                parse_go_duration(bad)
+            );
+        }
+        let many = "1000000h".repeat(10_000);
+        assert!(matches!(
+            parse_go_duration(&many),
+            Err(DurationError::Overflow(_))
+        ));
+        let many_fractions = "1000000.99999999999999999999999999h".repeat(3);
+        assert!(matches!(
+            parse_go_duration(&many_fractions),
+            Err(DurationError::Overflow(_))
+        ));
+        let long_int = format!("{}s", "9".repeat(10_000));
+        assert!(matches!(
+            parse_go_duration(&long_int),
             Err(DurationError::Overflow(_))
         ));
     }

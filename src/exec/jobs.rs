@@ -180,11 +180,14 @@ struct Job {
 }
 
 impl Job {
-    fn view(&self, id: Uuid) -> JobResult {
+    /// The job as the API shows it: the stored result itself once terminal
+    /// (an `Arc` clone, cheap under the store lock however large the
+    /// output), else a small snapshot of its state.
+    fn view(&self, id: Uuid) -> Arc<JobResult> {
         if let Some(result) = &self.result {
-            return (**result).clone();
+            return Arc::clone(result);
         }
-        JobResult {
+        Arc::new(JobResult {
             job_id: id.to_string(),
             status: self.status,
             exit_code: 0,
@@ -201,7 +204,7 @@ impl Job {
             started_at: self.started.map(|(_, t)| rfc3339(t)),
             finished_at: None,
             signal: None,
-        }
+        })
     }
 }
 
@@ -221,11 +224,6 @@ impl JobStore {
         });
         tokio::spawn(purge_expired_jobs(shared.clone()));
         JobStore { shared }
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> JobLimits {
-        self.shared.limits
     }
 
     /// Creates a job in state `accepted` owned by `owner`, taking a slot.
@@ -328,8 +326,9 @@ impl JobStore {
         }
     }
 
-    /// The job `id` if `caller` owns it.
-    pub fn get(&self, id: Uuid, caller: &crate::tailnet::Identity) -> Option<JobResult> {
+    /// The job `id` if `caller` owns it. A finished result is shared, not
+    /// copied: serialize it after this returns, outside the store lock.
+    pub fn get(&self, id: Uuid, caller: &crate::tailnet::Identity) -> Option<Arc<JobResult>> {
         let state = self.shared.lock();
         let job = state.jobs.get(&id).filter(|j| caller.owns(&j.owner))?;
         Some(job.view(id))
@@ -342,7 +341,7 @@ impl JobStore {
         id: Uuid,
         caller: &crate::tailnet::Identity,
         wait: Duration,
-    ) -> Option<JobResult> {
+    ) -> Option<Arc<JobResult>> {
         let mut updates = {
             let state = self.shared.lock();
             let job = state.jobs.get(&id).filter(|j| caller.owns(&j.owner))?;
@@ -380,11 +379,6 @@ impl JobStore {
     /// Refuses new jobs from now on ([`AdmitError::ShuttingDown`]).
     pub fn begin_shutdown(&self) {
         self.shared.lock().shutting_down = true;
-    }
-
-    /// Whether [`JobStore::begin_shutdown`] was called.
-    pub fn is_shutting_down(&self) -> bool {
-        self.shared.lock().shutting_down
     }
 
     /// Cancels every job that is not terminal with `reason`.
@@ -791,6 +785,21 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(100)).await;
         assert_eq!(output_bytes_held(&store), 0);
         assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn reads_share_the_stored_result_instead_of_copying_it() {
+        let store = JobStore::new(limits());
+        let id = finish_with_output(&store, 1 << 20);
+        let first = store.get(id, &alice()).unwrap();
+        let second = store.get(id, &alice()).unwrap();
+        let waited = store.wait(id, &alice(), Duration::ZERO).await.unwrap();
+        // One output buffer however many readers: a GET costs no copy of
+        // the (up to 2 MiB) output under the store lock.
+        assert_eq!(first.stdout.as_ptr(), second.stdout.as_ptr());
+        assert_eq!(first.stderr.as_ptr(), waited.stderr.as_ptr());
+        assert_eq!(first.stdout.len() + first.stderr.len(), 1 << 20);
+        assert_eq!(output_bytes_held(&store), 1 << 20, "counted once");
     }
 
     #[tokio::test(start_paused = true)]

@@ -38,6 +38,8 @@ pub struct ExecSettings {
     pub max_timeout: Duration,
     /// Output kept per stream and job (1 MiB).
     pub max_output_bytes: usize,
+    /// Largest `max_output_bytes` a tool file may declare (64 MiB).
+    pub max_declared_output_bytes: usize,
     /// Time between SIGTERM and SIGKILL (5 s).
     pub kill_grace: Duration,
     /// Output drained after the main process exits (1 s).
@@ -68,6 +70,7 @@ impl Default for ExecSettings {
             default_timeout: Duration::from_secs(60),
             max_timeout: Duration::from_secs(3600),
             max_output_bytes: 1 << 20,
+            max_declared_output_bytes: 64 << 20,
             kill_grace: Duration::from_secs(5),
             drain_after_exit: Duration::from_secs(1),
             max_jobs: 16,
@@ -96,6 +99,7 @@ impl ExecSettings {
         ToolLimits {
             max_timeout: self.max_timeout,
             max_value_bytes: self.max_value_bytes,
+            max_output_bytes: self.max_declared_output_bytes,
         }
     }
 

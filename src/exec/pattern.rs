@@ -28,16 +28,15 @@ impl ArgPattern {
     ///
     /// # Errors
     ///
-    /// When the pattern does not compile; the message is the regex parser's.
+    /// When the pattern does not compile on its own (so that `a)|(b`, which
+    /// the wrapper would turn into `^(?:a)|(b)$`, cannot escape the anchors);
+    /// the message is the regex parser's.
     pub fn new(source: &str) -> Result<Self, String> {
         let rewritten = rewrite_perl_classes(source);
-        // A bytes regex, because ASCII `\B` may match between the bytes of a
-        // UTF-8 sequence and a `&str` regex refuses it; Unicode mode stays on
-        // so that `.` and literals still match whole characters.
-        let regex = RegexBuilder::new(&format!("^(?:{rewritten})$"))
-            .size_limit(1 << 20)
-            .build()
-            .map_err(|e| e.to_string())?;
+        // The pattern alone first: wrapped, an unbalanced `)` closes the
+        // wrapper's group early and the rest is an unanchored alternative.
+        compile(&rewritten)?;
+        let regex = compile(&format!("^(?:{rewritten})$"))?;
         Ok(ArgPattern {
             source: source.to_string(),
             regex,
@@ -53,6 +52,16 @@ impl ArgPattern {
     pub fn as_str(&self) -> &str {
         &self.source
     }
+}
+
+/// A bytes regex, because ASCII `\B` may match between the bytes of a UTF-8
+/// sequence and a `&str` regex refuses it; Unicode mode stays on so that `.`
+/// and literals still match whole characters.
+fn compile(pattern: &str) -> Result<Regex, String> {
+    RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 impl PartialEq for ArgPattern {
@@ -215,5 +224,16 @@ mod tests {
         assert!(ArgPattern::new("(").is_err());
         assert!(ArgPattern::new("[a-").is_err());
         assert!(ArgPattern::new("a{2,1}").is_err());
+    }
+
+    #[test]
+    fn unbalanced_groups_cannot_escape_the_anchors() {
+        // Wrapped as `^(?:a)|(b)$` these would compile and match `axyz` and
+        // `"; rm -rf /"`; Go refuses them, and so do we.
+        for bad in ["a)|(b", "[a-z]+)|(.*", ")(", "a)", "(?:a))|((?:b"] {
+            assert!(ArgPattern::new(bad).is_err(), "{bad:?} must not compile");
+        }
+        assert!(p("(a)|(b)").is_match("b"));
+        assert!(!p("(a)|(b)").is_match("axyz"));
     }
 }

@@ -7,9 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -126,7 +124,10 @@ pub struct Registry {
     dir: PathBuf,
     limits: ToolLimits,
     index: ArcSwap<Index>,
-    generation: AtomicU64,
+    /// Held across a whole reload (scan, compare, swap), so that reloads
+    /// from SIGHUP and from the watcher thread never store an older scan
+    /// over a newer one. Readers never take it.
+    reloading: Mutex<()>,
 }
 
 impl Registry {
@@ -146,13 +147,8 @@ impl Registry {
             dir,
             limits,
             index: ArcSwap::from_pointee(index),
-            generation: AtomicU64::new(0),
+            reloading: Mutex::new(()),
         }
-    }
-
-    /// The tools directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The current index; it never changes (a reload makes a new one).
@@ -190,14 +186,24 @@ impl Registry {
         self.index.load().problems().to_vec()
     }
 
-    /// How many rebuilds happened; tests wait on it.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    /// Re-reads the directory, swaps the index and logs what changed.
+    /// Reloads are serialized: one that starts while another runs waits for
+    /// it, so the stored index is always from the latest scan.
+    pub fn reload(&self) -> ReloadReport {
+        self.reload_with(|| {})
     }
 
-    /// Re-reads the directory, swaps the index and logs what changed.
-    pub fn reload(&self) -> ReloadReport {
+    /// [`Registry::reload`], calling `after_scan` between the scan and the
+    /// swap (where a test pauses a reload).
+    fn reload_with(&self, after_scan: impl FnOnce()) -> ReloadReport {
+        // `()` cannot be left inconsistent by a panic, so a poisoned lock
+        // is still usable.
+        let _reloading = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let new = Index::from_loaded(load_dir(&self.dir, &self.limits));
+        after_scan();
         let old = self.index.load();
         let (before, after) = (old.commands(), new.commands());
         let name = |(t, c): &(String, String)| format!("{t}/{c}");
@@ -218,7 +224,6 @@ impl Registry {
         log_problems(&new);
         let (tools, commands) = new.counts();
         self.index.store(Arc::new(new));
-        self.generation.fetch_add(1, Ordering::AcqRel);
         if report.is_empty() {
             tracing::debug!(tools, commands, "tool registry rebuilt, no command changed");
         } else {
@@ -385,8 +390,58 @@ mod tests {
             ["false"]
         );
         assert!(registry.lookup("a", "two").is_none());
-        assert!(registry.reload().is_empty());
-        assert_eq!(registry.generation(), 2);
+        assert!(registry.reload().is_empty(), "nothing changed since");
+    }
+
+    #[test]
+    fn concurrent_reloads_never_store_an_older_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a", &[("old", "true")]);
+        write(dir.path(), "b", &[("c", "true")]);
+        let registry = Arc::new(Registry::load(dir.path(), ToolLimits::default()));
+
+        // Reload A (say SIGHUP) scans the directory, then pauses before
+        // storing what it read.
+        let (scanned_tx, scanned) = mpsc::channel();
+        let (resume, resume_rx) = mpsc::channel::<()>();
+        let a = std::thread::spawn({
+            let registry = Arc::clone(&registry);
+            move || {
+                registry.reload_with(|| {
+                    scanned_tx.send(()).unwrap();
+                    let _ = resume_rx.recv();
+                })
+            }
+        });
+        scanned.recv().unwrap();
+
+        // The directory changes and reload B (the watcher) runs meanwhile.
+        write(dir.path(), "a", &[("new", "true")]);
+        std::fs::remove_file(dir.path().join("b.json")).unwrap();
+        let b = std::thread::spawn({
+            let registry = Arc::clone(&registry);
+            move || registry.reload()
+        });
+        // Unserialized, B stores the new scan well within this; serialized,
+        // it waits for A.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !b.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        resume.send(()).unwrap();
+        a.join().unwrap();
+        b.join().unwrap();
+
+        let index = registry.snapshot();
+        let expected = Index::from_loaded(load_dir(dir.path(), &ToolLimits::default()));
+        assert_eq!(
+            index.commands(),
+            expected.commands(),
+            "the stored index must be the latest scan's"
+        );
+        assert!(index.lookup("a", "new").is_some());
+        assert!(index.lookup("a", "old").is_none());
+        assert!(index.lookup("b", "c").is_none());
     }
 
     #[test]

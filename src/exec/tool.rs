@@ -22,6 +22,9 @@ pub struct ToolLimits {
     pub max_timeout: Duration,
     /// Largest argument value in bytes; applies to `default` too (4 KiB).
     pub max_value_bytes: usize,
+    /// Largest `max_output_bytes` a command may declare, per stream
+    /// (64 MiB): it bounds the memory one job may hold.
+    pub max_output_bytes: usize,
 }
 
 impl Default for ToolLimits {
@@ -29,6 +32,7 @@ impl Default for ToolLimits {
         ToolLimits {
             max_timeout: Duration::from_secs(3600),
             max_value_bytes: 4096,
+            max_output_bytes: 64 << 20,
         }
     }
 }
@@ -577,14 +581,26 @@ impl Validator<'_> {
         }
         let max_output_bytes = match raw.max_output_bytes {
             None => None,
-            Some(n) if n > 0 => usize::try_from(n).ok(),
-            Some(n) => {
+            Some(n) if n <= 0 => {
                 self.problem(
                     format!("{field}.max_output_bytes"),
                     format!("must be positive, got {n}"),
                 );
                 None
             }
+            Some(n) => match usize::try_from(n) {
+                Ok(n) if n <= self.limits.max_output_bytes => Some(n),
+                _ => {
+                    self.problem(
+                        format!("{field}.max_output_bytes"),
+                        format!(
+                            "{n} is over the maximum of {}",
+                            self.limits.max_output_bytes
+                        ),
+                    );
+                    None
+                }
+            },
         };
         Command {
             name: raw.name,
@@ -947,6 +963,18 @@ mod tests {
             ),
             (
                 &one_command(
+                    r#"{"name": "c", "exec_parts": ["true"], "args": [{"name": "x", "pattern": "a)|(b"}]}"#,
+                ),
+                "commands[0].args[0].pattern: does not compile",
+            ),
+            (
+                &one_command(
+                    r#"{"name": "c", "exec_parts": ["true"], "args": [{"name": "x", "pattern": "[a-z]+)|(.*"}]}"#,
+                ),
+                "commands[0].args[0].pattern: does not compile",
+            ),
+            (
+                &one_command(
                     r#"{"name": "c", "exec_parts": ["true"], "args": [{"name": "x", "type": "float"}]}"#,
                 ),
                 "commands[0].args[0].type:",
@@ -1016,6 +1044,18 @@ mod tests {
                 "commands[0].max_output_bytes:",
             ),
             (
+                &one_command(
+                    r#"{"name": "c", "exec_parts": ["true"], "max_output_bytes": 67108865}"#,
+                ),
+                "commands[0].max_output_bytes: 67108865 is over the maximum of 67108864",
+            ),
+            (
+                &one_command(
+                    r#"{"name": "c", "exec_parts": ["true"], "max_output_bytes": 9223372036854775807}"#,
+                ),
+                "commands[0].max_output_bytes: 9223372036854775807 is over the maximum",
+            ),
+            (
                 r#"{"name": "t", "commands": [{"name": "c", "exec_parts": ["true"]}, {"name": "c", "exec_parts": ["true"]}]}"#,
                 "commands[1].name: command \"c\" is declared twice",
             ),
@@ -1029,6 +1069,21 @@ mod tests {
                 "{text}\nexpected a problem starting with {expected:?}, got {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn max_output_bytes_is_bounded() {
+        let with = |n: u64| {
+            parse_json(&one_command(&format!(
+                r#"{{"name": "c", "exec_parts": ["true"], "max_output_bytes": {n}}}"#
+            )))
+        };
+        let limit = ToolLimits::default().max_output_bytes;
+        assert_eq!(limit, 64 << 20);
+        let tool = with(limit as u64).unwrap();
+        assert_eq!(tool.commands[0].max_output_bytes, Some(limit));
+        assert!(with(limit as u64 + 1).is_err());
+        assert!(with(i64::MAX as u64).is_err());
     }
 
     #[test]

@@ -69,7 +69,9 @@ impl Identity {
     ///
     /// # Errors
     ///
-    /// When the JSON does not have that shape or names no node.
+    /// When the JSON does not have that shape, names no node, or the node has
+    /// no `StableID` (ownership of tagged nodes' jobs rests on it, and an
+    /// empty id would be shared by every such caller: fail closed).
     pub fn from_whois_json(json: &[u8]) -> Result<Self, serde_json::Error> {
         #[derive(Deserialize)]
         #[serde(rename_all = "PascalCase")]
@@ -109,6 +111,11 @@ impl Identity {
         let node = raw
             .node
             .ok_or_else(|| serde::de::Error::custom("WhoIs response has no Node"))?;
+        if node.stable_id.is_empty() {
+            return Err(serde::de::Error::custom(
+                "WhoIs response has no Node.StableID",
+            ));
+        }
         let tags = node.tags.unwrap_or_default();
         let mut node_name = node.name.trim_end_matches('.').to_string();
         if node_name.is_empty() {
@@ -211,5 +218,19 @@ mod tests {
     fn a_response_without_node_is_an_error() {
         assert!(Identity::from_whois_json(br#"{"UserProfile": {}}"#).is_err());
         assert!(Identity::from_whois_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn a_node_without_a_stable_id_is_an_error() {
+        // Two such tagged callers would both own `Owner::Node("")`, so each
+        // could read and cancel the other's jobs.
+        for json in [
+            r#"{"Node": {"Name": "ci.ts.net.", "Tags": ["tag:ci"]}}"#,
+            r#"{"Node": {"StableID": "", "Name": "ci.ts.net.", "Tags": ["tag:ci"]}}"#,
+            r#"{"Node": {"Name": "laptop.ts.net."}, "UserProfile": {"LoginName": "a@b.c"}}"#,
+        ] {
+            let err = Identity::from_whois_json(json.as_bytes()).unwrap_err();
+            assert!(err.to_string().contains("Node.StableID"), "{json}: {err}");
+        }
     }
 }
