@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 use uuid::Uuid;
 
-use crate::audit::{AuditCaller, AuditEvent, AuditLog, AuditRecord};
+use crate::audit::{AuditCaller, AuditEvent, AuditRecord};
 use crate::exec::duration::{format_go_duration, parse_go_duration};
 use crate::exec::jobs::AdmitError;
 use crate::exec::runner::{CancelReason, prepare, redact_args};
@@ -186,12 +186,8 @@ impl Api {
         self.inner.executor.shutdown(grace).await;
     }
 
-    fn audit(&self) -> &AuditLog {
-        self.inner.executor.audit()
-    }
-
     /// Records a refused exec request and returns the refusal.
-    fn deny(
+    async fn deny(
         &self,
         caller: AuditCaller,
         target: (&str, &str),
@@ -202,7 +198,7 @@ impl Api {
         record.reason = Some(err.error.clone());
         record.http_status = Some(err.status.as_u16());
         record.args = args.unwrap_or_default();
-        if let Err(e) = self.audit().record(&record) {
+        if let Err(e) = self.inner.executor.audit().record_async(&record).await {
             tracing::error!(error = %e, "could not write the exec.denied audit record");
         }
         err
@@ -413,7 +409,7 @@ async fn guard(State(api): State<Api>, mut request: Request, next: Next) -> Resp
             },
             (None, None) => AuditCaller::default(),
         };
-        api.deny(who, (tool, cmd), None, refusal.clone());
+        api.deny(who, (tool, cmd), None, refusal.clone()).await;
     }
     refusal.into_response()
 }
@@ -539,11 +535,11 @@ async fn exec_command(
                 format!("unknown tool or command {tool}/{cmd}"),
             )
             .hint("GET /tools lists the commands you may run"),
-        ));
+        ).await);
     };
     let command = &entry.command;
     if let Err(e) = api.authorize(&caller.identity, command) {
-        return Err(deny(None, e));
+        return Err(deny(None, e).await);
     }
 
     let (parts, body) = request.into_parts();
@@ -558,7 +554,7 @@ async fn exec_command(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > settings.max_body_bytes as u64) {
-        return Err(deny(None, too_large()));
+        return Err(deny(None, too_large()).await);
     }
     let reading = http_body_util::Limited::new(body, settings.max_body_bytes).collect();
     let Ok(read) = tokio::time::timeout(BODY_READ_TIMEOUT, reading).await else {
@@ -568,38 +564,38 @@ async fn exec_command(
                 StatusCode::REQUEST_TIMEOUT,
                 format!("the body did not arrive within {BODY_READ_TIMEOUT:?}"),
             ),
-        ));
+        ).await);
     };
     let body = match read {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(deny(None, too_large()));
+            return Err(deny(None, too_large()).await);
         }
         Err(e) => {
             return Err(deny(
                 None,
                 ApiError::bad_request(format!("could not read the body: {e}")),
-            ));
+            ).await);
         }
     };
 
     let wait = match parse_wait(&parts.uri, settings.max_wait) {
         Ok(wait) => wait,
-        Err(e) => return Err(deny(None, e)),
+        Err(e) => return Err(deny(None, e).await),
     };
     let args = match parse_args(&body) {
         Ok(args) => args,
         Err(e) => {
             let err = ApiError::bad_request(format!("invalid body: {e}"))
                 .hint("send a JSON object of arguments, e.g. {\"name\": \"value\"}");
-            return Err(deny(None, err));
+            return Err(deny(None, err).await);
         }
     };
     let prepared = match prepare(command, &args, settings.max_value_bytes) {
         Ok(prepared) => prepared,
         Err(e) => {
             let err = ApiError::bad_request(e.to_string());
-            return Err(deny(Some(redact_args(command, &args)), err));
+            return Err(deny(Some(redact_args(command, &args)), err).await);
         }
     };
 
@@ -612,6 +608,7 @@ async fn exec_command(
         .inner
         .executor
         .start(&entry.tool.name, command, prepared, job)
+        .await
     {
         Ok(id) => id,
         Err(StartError::Admit(AdmitError::Busy(n))) => {
@@ -621,11 +618,11 @@ async fn exec_command(
             )
             .hint("retry later");
             err.retry_after = Some(1);
-            return Err(deny(Some(audit_args), err));
+            return Err(deny(Some(audit_args), err).await);
         }
         Err(StartError::Admit(AdmitError::ShuttingDown)) => {
             let err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-            return Err(deny(Some(audit_args), err));
+            return Err(deny(Some(audit_args), err).await);
         }
         Err(StartError::Audit(e)) => {
             tracing::error!(error = %e, "exec.accepted could not be recorded; the job does not run");

@@ -90,12 +90,17 @@ impl Executor {
     /// Admits a job for `command` of `tool` with `prepared` arguments,
     /// records `exec.accepted`, and starts it on its own task.
     ///
+    /// Once admitted, the job belongs to that task: the acceptance is
+    /// written there (on the blocking pool, so a slow audit sink holds no
+    /// runtime worker), and the job runs to a terminal state even if the
+    /// caller stops waiting for this answer.
+    ///
     /// # Errors
     ///
     /// [`StartError::Admit`] when no slot is free or the daemon is shutting
     /// down; [`StartError::Audit`] when the acceptance could not be
     /// recorded (the job is forgotten and nothing runs).
-    pub fn start(
+    pub async fn start(
         &self,
         tool: &str,
         command: &Arc<Command>,
@@ -116,10 +121,6 @@ impl Executor {
         );
         accepted.args = prepared.audit_args.clone();
         accepted.job_id = Some(id.to_string());
-        if let Err(e) = inner.audit.record(&accepted) {
-            inner.store.abandon(id);
-            return Err(StartError::Audit(e));
-        }
         let spec = RunSpec {
             env: child_env(command, id, caller.identity),
             argv: prepared.argv,
@@ -129,18 +130,34 @@ impl Executor {
                 .max_output_bytes
                 .unwrap_or(inner.settings.max_output_bytes),
         };
-        let mut finished = accepted;
-        finished.event = AuditEvent::Finished;
-        let job = RunningJob {
-            inner: self.inner.clone(),
-            id,
-            tool: tool.to_string(),
-            command: command.name.clone(),
-            record: finished,
-            finished: false,
-        };
-        tokio::spawn(job.run(spec, admitted.cancel));
-        Ok(id)
+        let inner = self.inner.clone();
+        let tool = tool.to_string();
+        let command = command.name.clone();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Err(e) = inner.audit.record_async(&accepted).await {
+                inner.store.abandon(id);
+                let _ = answer.send(Err(StartError::Audit(e)));
+                return;
+            }
+            let mut finished = accepted;
+            finished.event = AuditEvent::Finished;
+            let job = RunningJob {
+                inner,
+                id,
+                tool,
+                command,
+                record: finished,
+                finished: false,
+            };
+            let _ = answer.send(Ok(id));
+            job.run(spec, admitted.cancel).await;
+        });
+        answered.await.unwrap_or_else(|_| {
+            Err(StartError::Audit(io::Error::other(
+                "the job's task ended before its acceptance was recorded",
+            )))
+        })
     }
 
     /// Refuses new jobs from now on (HTTP 503).
@@ -209,14 +226,17 @@ impl RunningJob {
             .runner
             .run(spec, cancel, |at| store.set_running(self.id, at))
             .await;
-        self.finish(&outcome);
+        let (result, record) = self.conclude(&outcome);
+        if let Err(e) = self.inner.audit.record_async(&record).await {
+            self.log_lost_record(&e);
+        }
+        self.mark_finished(result);
     }
 
-    /// Writes `exec.finished` (a failure to write is logged: the job has
-    /// run) and marks the job terminal.
-    fn finish(&mut self, outcome: &RunOutcome) {
+    /// The job result and its `exec.finished` record for `outcome`.
+    fn conclude(&self, outcome: &RunOutcome) -> (JobResult, AuditRecord) {
         let result = job_result(self.id, &self.tool, &self.command, outcome);
-        let record = &mut self.record;
+        let mut record = self.record.clone();
         record.ts = rfc3339(SystemTime::now());
         record.status = Some(result.status.as_str().to_string());
         record.exit_code = Some(result.exit_code);
@@ -225,9 +245,16 @@ impl RunningJob {
         record.duration_ms = Some(result.duration_ms);
         record.stdout_bytes = Some(outcome.stdout.total);
         record.stderr_bytes = Some(outcome.stderr.total);
-        if let Err(e) = self.inner.audit.record(record) {
-            tracing::error!(job_id = %self.id, error = %e, "could not write the exec.finished audit record");
-        }
+        (result, record)
+    }
+
+    /// A lost `exec.finished` is logged: the job has run.
+    fn log_lost_record(&self, e: &io::Error) {
+        tracing::error!(job_id = %self.id, error = %e, "could not write the exec.finished audit record");
+    }
+
+    /// Marks the job terminal (after its `exec.finished` was written).
+    fn mark_finished(&mut self, result: JobResult) {
         tracing::info!(
             job_id = %self.id, tool = %self.tool, command = %self.command,
             status = result.status.as_str(), exit_code = result.exit_code,
@@ -250,7 +277,12 @@ impl Drop for RunningJob {
                 finished_at: SystemTime::now(),
                 duration: Duration::ZERO,
             };
-            self.finish(&outcome);
+            let (result, record) = self.conclude(&outcome);
+            // No await in Drop: this rare path writes on the spot.
+            if let Err(e) = self.inner.audit.record(&record) {
+                self.log_lost_record(&e);
+            }
+            self.mark_finished(result);
         }
     }
 }
