@@ -535,7 +535,8 @@ async fn exec_command(
                 format!("unknown tool or command {tool}/{cmd}"),
             )
             .hint("GET /tools lists the commands you may run"),
-        ).await);
+        )
+        .await);
     };
     let command = &entry.command;
     if let Err(e) = api.authorize(&caller.identity, command) {
@@ -564,7 +565,8 @@ async fn exec_command(
                 StatusCode::REQUEST_TIMEOUT,
                 format!("the body did not arrive within {BODY_READ_TIMEOUT:?}"),
             ),
-        ).await);
+        )
+        .await);
     };
     let body = match read {
         Ok(collected) => collected.to_bytes(),
@@ -575,7 +577,8 @@ async fn exec_command(
             return Err(deny(
                 None,
                 ApiError::bad_request(format!("could not read the body: {e}")),
-            ).await);
+            )
+            .await);
         }
     };
 

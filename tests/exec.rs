@@ -617,13 +617,7 @@ async fn a_sigkilled_daemon_leaves_no_command() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pids");
     write_leaf_script(dir.path());
-    let mut helper = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_start_a_long_command_and_wait",
-            "--ignored",
-            "--nocapture",
-        ])
+    let mut helper = helper_process("helper_start_a_long_command_and_wait")
         .env("TAILKITD_TEST_PID_FILE", &file)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -731,14 +725,7 @@ async fn an_output_flood_is_capped_and_memory_stays_bounded() {
     // measurement vacuous: run the flood in a fresh process instead.
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("hwm");
-    let out = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_run_an_output_flood",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let out = helper_process("helper_run_an_output_flood")
         .env("TAILKITD_TEST_FLOOD_REPORT", &report)
         .output()
         .await
