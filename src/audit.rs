@@ -1,14 +1,17 @@
-//! The audit log: one JSON object per line, appended and flushed to the OS
+//! The audit log: one JSON object per line, appended and handed to the OS
 //! before the caller goes on, so an `exec.accepted` record exists before the
 //! command starts. A separate sink from `tracing`: operators ship and keep
-//! it differently from debug logs.
+//! it differently from debug logs. One thread of its own does the writing.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -141,14 +144,42 @@ enum Target {
 enum Sink {
     File(File),
     Stdout,
-    Memory(Vec<String>),
+    Memory(Arc<Mutex<Vec<String>>>),
 }
 
-/// The audit log writer. Cheap to share behind an `Arc`; every record is one
-/// `write` of a whole line under a mutex, so lines never interleave.
+/// How long a caller waits for its record to be written before it gives up
+/// (and, for an acceptance, refuses the job).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Records queued for the writer at most; past that, callers are refused at
+/// once rather than piling up behind a stalled sink.
+const QUEUE: usize = 256;
+
+/// Tells a waiting caller how its order went.
+type Reply = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+enum Order {
+    /// Append `line`, unless the caller gave up waiting (`abandoned`).
+    Write {
+        line: String,
+        abandoned: Arc<AtomicBool>,
+        reply: Reply,
+    },
+    /// Reopen the file.
+    Reopen { reply: Reply },
+}
+
+/// The audit log writer. Cheap to share behind an `Arc`. One thread of its
+/// own writes every record (a whole line per `write`, so lines never
+/// interleave) and owns the file: a slow or stalled sink (a full disk, a
+/// stdout nobody drains) holds up that thread and the callers waiting for
+/// their record, each for at most [`WRITE_TIMEOUT`], and nothing else.
 pub struct AuditLog {
     target: Target,
-    sink: Mutex<Sink>,
+    /// The writer thread's queue (`None` for the in-memory log, which
+    /// cannot stall and is written in place).
+    orders: Option<SyncSender<Order>>,
+    memory: Option<Arc<Mutex<Vec<String>>>>,
+    write_timeout: Duration,
 }
 
 impl AuditLog {
@@ -157,35 +188,59 @@ impl AuditLog {
     ///
     /// # Errors
     ///
-    /// When the file cannot be opened for appending.
+    /// When the file cannot be opened for appending, or the writer thread
+    /// cannot start.
     pub fn open(path: &Path) -> io::Result<Self> {
         if path.as_os_str() == "-" {
-            return Ok(AuditLog {
-                target: Target::Stdout,
-                sink: Mutex::new(Sink::Stdout),
-            });
+            return AuditLog::start(Target::Stdout, Sink::Stdout);
         }
         let file = open_append(path)?;
-        Ok(AuditLog {
-            target: Target::File(path.to_path_buf()),
-            sink: Mutex::new(Sink::File(file)),
-        })
+        AuditLog::start(Target::File(path.to_path_buf()), Sink::File(file))
     }
 
     /// A log that keeps its lines in memory; see [`AuditLog::lines`].
+    ///
+    /// # Panics
+    ///
+    /// When the writer thread cannot start (tests and benchmarks only).
     pub fn in_memory() -> Self {
         AuditLog {
             target: Target::Memory,
-            sink: Mutex::new(Sink::Memory(Vec::new())),
+            orders: None,
+            memory: Some(Arc::new(Mutex::new(Vec::new()))),
+            write_timeout: WRITE_TIMEOUT,
         }
+    }
+
+    /// The same log with another [`WRITE_TIMEOUT`].
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
+    fn start(target: Target, sink: Sink) -> io::Result<Self> {
+        let (orders, queue) = std::sync::mpsc::sync_channel(QUEUE);
+        let path = match &target {
+            Target::File(p) => Some(p.clone()),
+            _ => None,
+        };
+        std::thread::Builder::new()
+            .name("tailkitd-audit".into())
+            .spawn(move || write_orders(sink, path, queue))?;
+        Ok(AuditLog {
+            target,
+            orders: Some(orders),
+            memory: None,
+            write_timeout: WRITE_TIMEOUT,
+        })
     }
 
     /// The lines written so far to an in-memory log (empty for other logs).
     pub fn lines(&self) -> Vec<String> {
-        match &*self.lock() {
-            Sink::Memory(lines) => lines.clone(),
-            _ => Vec::new(),
-        }
+        self.memory
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default()
     }
 
     /// Where records go, for the start-up log line.
@@ -202,77 +257,180 @@ impl AuditLog {
     ///
     /// # Errors
     ///
-    /// When the path can no longer be opened for appending.
-    pub fn reopen(&self) -> io::Result<()> {
-        if let Target::File(path) = &self.target {
-            let file = open_append(path)?;
-            *self.lock() = Sink::File(file);
+    /// When the path can no longer be opened for appending, or the writer
+    /// does not answer within [`WRITE_TIMEOUT`].
+    pub async fn reopen(&self) -> io::Result<()> {
+        if self.orders.is_none() {
+            return Ok(());
         }
-        Ok(())
+        let (reply, answer) = async_reply();
+        self.send(Order::Reopen { reply })?;
+        self.wait(answer, None).await
     }
 
-    /// Appends one record as a JSON line and hands it to the OS before
-    /// returning. Blocks the calling thread for the write: from async code
-    /// use [`AuditLog::record_async`].
+    /// Appends one record as a JSON line and waits until it was handed to
+    /// the OS. Blocks the calling thread: from async code use
+    /// [`AuditLog::record_async`].
     ///
     /// # Errors
     ///
     /// When the line cannot be written completely (disk full, file gone
-    /// read-only, ...). The caller decides what a lost record means: for an
-    /// acceptance it means the job must not start.
+    /// read-only, ...), too many records are already waiting, or the write
+    /// takes longer than [`WRITE_TIMEOUT`] (it is then not made, unless it
+    /// had already begun). The caller decides what a lost record means: for
+    /// an acceptance it means the job must not start.
     pub fn record(&self, record: &AuditRecord) -> io::Result<()> {
-        self.write_line(to_line(record)?)
+        let line = to_line(record)?;
+        if let Some(lines) = &self.memory {
+            return write_line(&mut Sink::Memory(lines.clone()), line);
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        self.send(Order::Write {
+            line,
+            abandoned: abandoned.clone(),
+            reply: Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        })?;
+        rx.recv_timeout(self.write_timeout).unwrap_or_else(|_| {
+            abandoned.store(true, Ordering::SeqCst);
+            Err(timed_out())
+        })
     }
 
-    /// [`AuditLog::record`] on tokio's blocking pool, so that a slow sink (a
-    /// full disk, a stdout pipe nobody drains) holds no runtime worker.
+    /// [`AuditLog::record`] for async code: waits without holding a thread.
     ///
     /// # Errors
     ///
     /// As [`AuditLog::record`].
-    pub async fn record_async(self: &Arc<Self>, record: &AuditRecord) -> io::Result<()> {
+    pub async fn record_async(&self, record: &AuditRecord) -> io::Result<()> {
         let line = to_line(record)?;
-        let log = Arc::clone(self);
-        tokio::task::spawn_blocking(move || log.write_line(line))
-            .await
-            .map_err(io::Error::other)?
+        if let Some(lines) = &self.memory {
+            return write_line(&mut Sink::Memory(lines.clone()), line);
+        }
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let (reply, answer) = async_reply();
+        self.send(Order::Write {
+            line,
+            abandoned: abandoned.clone(),
+            reply,
+        })?;
+        self.wait(answer, Some(&abandoned)).await
     }
 
-    fn write_line(&self, mut line: String) -> io::Result<()> {
-        match &mut *self.lock() {
-            Sink::File(file) => {
-                // A failed write must not leave half a line for the next
-                // record to be glued onto: cut a regular file back.
-                let before = file
-                    .metadata()
-                    .ok()
-                    .filter(|m| m.is_file())
-                    .map(|m| m.len());
-                let written = file.write_all(line.as_bytes());
-                if written.is_err()
-                    && let Some(len) = before
-                {
-                    let _ = file.set_len(len);
+    /// Waits for the writer's answer, at most the write timeout; a caller
+    /// that gives up marks its order `abandoned`.
+    async fn wait(
+        &self,
+        answer: tokio::sync::oneshot::Receiver<io::Result<()>>,
+        abandoned: Option<&AtomicBool>,
+    ) -> io::Result<()> {
+        match tokio::time::timeout(self.write_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(writer_gone()),
+            Err(_) => {
+                if let Some(flag) = abandoned {
+                    flag.store(true, Ordering::SeqCst);
                 }
-                written
-            }
-            Sink::Stdout => {
-                let mut out = io::stdout().lock();
-                out.write_all(line.as_bytes())?;
-                out.flush()
-            }
-            Sink::Memory(lines) => {
-                line.pop();
-                lines.push(line);
-                Ok(())
+                Err(timed_out())
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Sink> {
-        // A panic while holding the lock cannot leave a half-written line
-        // in the sink's state, so a poisoned lock is still usable.
-        self.sink.lock().unwrap_or_else(|e| e.into_inner())
+    fn send(&self, order: Order) -> io::Result<()> {
+        let Some(orders) = &self.orders else {
+            return Err(writer_gone());
+        };
+        orders.try_send(order).map_err(|e| match e {
+            TrySendError::Full(_) => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the audit log is not keeping up: too many records are waiting",
+            ),
+            TrySendError::Disconnected(_) => writer_gone(),
+        })
+    }
+}
+
+fn async_reply() -> (Reply, tokio::sync::oneshot::Receiver<io::Result<()>>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    (
+        Box::new(move |result| {
+            let _ = tx.send(result);
+        }),
+        rx,
+    )
+}
+
+fn writer_gone() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the audit writer is gone")
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the audit record was not written in time",
+    )
+}
+
+/// The writer thread: carries out orders until every sender is gone.
+fn write_orders(mut sink: Sink, path: Option<PathBuf>, queue: Receiver<Order>) {
+    for order in queue {
+        match order {
+            Order::Write {
+                line,
+                abandoned,
+                reply,
+            } => {
+                // A caller that gave up has answered its client already
+                // (for an acceptance: the job was refused); its record
+                // must not appear after the fact.
+                let result = if abandoned.load(Ordering::SeqCst) {
+                    Err(timed_out())
+                } else {
+                    write_line(&mut sink, line)
+                };
+                reply(result);
+            }
+            Order::Reopen { reply } => {
+                let result = match &path {
+                    Some(path) => open_append(path).map(|file| sink = Sink::File(file)),
+                    None => Ok(()),
+                };
+                reply(result);
+            }
+        }
+    }
+}
+
+fn write_line(sink: &mut Sink, mut line: String) -> io::Result<()> {
+    match sink {
+        Sink::File(file) => {
+            // A failed write must not leave half a line for the next record
+            // to be glued onto: cut a regular file back.
+            let before = file
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
+            let written = file.write_all(line.as_bytes());
+            if written.is_err()
+                && let Some(len) = before
+            {
+                let _ = file.set_len(len);
+            }
+            written
+        }
+        Sink::Stdout => {
+            let mut out = io::stdout().lock();
+            out.write_all(line.as_bytes())?;
+            out.flush()
+        }
+        Sink::Memory(lines) => {
+            line.pop();
+            lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            Ok(())
+        }
     }
 }
 
@@ -336,15 +494,15 @@ mod tests {
         assert_eq!(lines[1]["reason"], "missing capability");
     }
 
-    #[test]
-    fn reopen_follows_a_rotated_file() {
+    #[tokio::test]
+    async fn reopen_follows_a_rotated_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&path).unwrap();
         log.record(&AuditRecord::new(AuditEvent::Denied, caller(), "a", "b"))
             .unwrap();
         std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
-        log.reopen().unwrap();
+        log.reopen().await.unwrap();
         log.record(&AuditRecord::new(AuditEvent::Denied, caller(), "c", "d"))
             .unwrap();
         let new = std::fs::read_to_string(&path).unwrap();
@@ -374,6 +532,44 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_sink_holds_callers_for_the_write_timeout_only() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // A reader that never reads: once the pipe is full, writes block.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let log = AuditLog::open(&fifo)
+            .unwrap()
+            .with_write_timeout(Duration::from_millis(200));
+        let rec = AuditRecord::new(AuditEvent::Accepted, caller(), "t", "c");
+        let mut stalled = None;
+        for i in 0..5000 {
+            if let Err(e) = log.record_async(&rec).await {
+                stalled = Some((i, e));
+                break;
+            }
+        }
+        let (written, err) = stalled.expect("the pipe never filled up");
+        assert!(written > 0);
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        // Later callers are answered too (timed out, or refused at once
+        // when too many wait), never left hanging.
+        let err = log.record_async(&rec).await.unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -178,8 +178,11 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             let _ = rx.wait_for(|s| *s).await;
         },
     ));
-    let mut names = tokio::time::interval(NAMES_REFRESH);
-    names.reset();
+    let names = tokio::spawn(refresh_names(
+        node.clone(),
+        api.clone(),
+        settings.hostname.clone(),
+    ));
 
     let stopped_by = loop {
         tokio::select! {
@@ -194,20 +197,14 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                 break Err(e);
             }
             Some(()) = sighup.recv() => {
-                match audit.reopen() {
-                    Ok(()) => info!(audit = %audit.describe(), "SIGHUP: audit log reopened"),
-                    Err(e) => error!(audit = %audit.describe(), error = %e,
-                        "SIGHUP: could not reopen the audit log; still writing to the old file"),
-                }
-                registry.reload();
-            }
-            _ = names.tick() => {
-                if let Ok(status) = node.status().await && !status.dns_name.is_empty() {
-                    api.set_allowed_hosts(&allowed_hosts(&settings.hostname, &status));
-                }
+                // Off this loop: a stalled audit sink or a slow directory
+                // scan must not delay SIGTERM.
+                tokio::spawn(reopen_and_reload(audit.clone(), registry.clone()));
             }
         }
     };
+    names.abort();
+    let _ = names.await;
 
     info!(
         grace = ?settings.shutdown_grace,
@@ -229,6 +226,32 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             Ok(())
         }
         Err(e) => Err(DaemonError::Listener(e)),
+    }
+}
+
+/// SIGHUP: reopens the audit log (log rotation) and rescans the tools.
+async fn reopen_and_reload(audit: Arc<AuditLog>, registry: Arc<Registry>) {
+    match audit.reopen().await {
+        Ok(()) => info!(audit = %audit.describe(), "SIGHUP: audit log reopened"),
+        Err(e) => error!(audit = %audit.describe(), error = %e,
+            "SIGHUP: could not reopen the audit log; still writing to the old file"),
+    }
+    if let Err(e) = tokio::task::spawn_blocking(move || registry.reload()).await {
+        error!(error = %e, "SIGHUP: the tools rescan failed");
+    }
+}
+
+/// Keeps the API's accepted `Host` names in step with the node's names.
+async fn refresh_names(node: Arc<Node>, api: Api, hostname: String) {
+    let mut tick = tokio::time::interval(NAMES_REFRESH);
+    tick.reset();
+    loop {
+        tick.tick().await;
+        if let Ok(status) = node.status().await
+            && !status.dns_name.is_empty()
+        {
+            api.set_allowed_hosts(&allowed_hosts(&hostname, &status));
+        }
     }
 }
 

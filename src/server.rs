@@ -26,6 +26,11 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// Connections one peer address may hold open at once, so that one peer
 /// cannot take every slot; the requests of further ones are answered `429`.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// Over-limit connections being answered `429` at once (they hold no slot);
+/// past this they are closed unanswered.
+const MAX_REFUSALS: usize = 64;
+/// How long an over-limit connection may take to send its request head.
+const REFUSAL_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long open connections get to finish after the server stops.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -66,7 +71,7 @@ async fn refuse_connection(stream: crate::tailnet::Stream) -> Result<(), hyper::
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(crate::api::HEADER_READ_TIMEOUT)
+        .header_read_timeout(REFUSAL_HEADER_TIMEOUT)
         .keep_alive(false)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     conn.await
@@ -126,6 +131,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let peers = Arc::new(PeerCounts::default());
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let mut outcome = Ok(());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -150,11 +156,16 @@ pub async fn serve(
             Ok(((stream, peer), slot)) => {
                 backoff = Duration::from_millis(50);
                 let Some(peer_slot) = peers.take(peer.ip()) else {
+                    // Refusals hold no slot, or one peer could still take
+                    // them all with connections it never uses.
+                    drop(slot);
                     debug!(%peer, "too many connections from this peer");
-                    connections.spawn(async move {
-                        let _slot = slot;
-                        let _ = refuse_connection(stream).await;
-                    });
+                    if let Ok(refusal) = refusals.clone().try_acquire_owned() {
+                        connections.spawn(async move {
+                            let _refusal = refusal;
+                            let _ = refuse_connection(stream).await;
+                        });
+                    }
                     continue;
                 };
                 let resolver = resolver.clone();

@@ -622,8 +622,17 @@ async fn one_peer_cannot_hold_every_connection() {
     let r = get(&net.bob, "/health").await;
     assert_eq!(r.status, 429, "{}", r.text);
     assert_eq!(r.retry_after, Some(1));
-    // ...while alice is served as usual.
-    let r = get(&net.alice, "/health").await;
+    // ...and more idle ones than the daemon has slots in all take none of
+    // them: alice is served as usual.
+    for _ in 0..tailkitd::server::MAX_CONNECTIONS {
+        held.push(net.bob.node.dial(&format!("{HOST}:80")).await.unwrap());
+    }
+    // Were bob's idle connections holding slots, alice would wait for the
+    // 10 s header timeout to free one; she is answered well before.
+    let stream = net.alice.node.dial(&format!("{HOST}:80")).await.unwrap();
+    let r = tailkitd::client::send(stream, Call::get(HOST, "/health"), Duration::from_secs(5))
+        .await
+        .expect("alice was starved by bob's connections");
     assert_eq!(r.status, 200, "{}", r.text);
     drop(held);
     let deadline = Instant::now() + LONG;

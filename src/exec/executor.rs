@@ -135,7 +135,16 @@ impl Executor {
         let command = command.name.clone();
         let (answer, answered) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if let Err(e) = inner.audit.record_async(&accepted).await {
+            // Until the job runs, a dropped task (runtime teardown) must not
+            // leave it admitted forever.
+            let mut admission = Admission {
+                inner: inner.clone(),
+                id,
+                armed: true,
+            };
+            let recorded = inner.audit.record_async(&accepted).await;
+            admission.armed = false;
+            if let Err(e) = recorded {
                 inner.store.abandon(id);
                 let _ = answer.send(Err(StartError::Audit(e)));
                 return;
@@ -148,6 +157,7 @@ impl Executor {
                 tool,
                 command,
                 record: finished,
+                pending: None,
                 finished: false,
             };
             let _ = answer.send(Ok(id));
@@ -204,6 +214,22 @@ fn child_env(command: &Command, id: Uuid, caller: &Identity) -> Vec<(String, Str
 /// One job's task. If it is dropped before the job finished (a panic), the
 /// job is still marked failed and audited, so that shutdown never waits
 /// forever and every started job has its `exec.finished` record.
+/// An admitted job whose acceptance is being recorded; abandons it if
+/// dropped before it could run.
+struct Admission {
+    inner: Arc<Inner>,
+    id: Uuid,
+    armed: bool,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.store.abandon(self.id);
+        }
+    }
+}
+
 struct RunningJob {
     inner: Arc<Inner>,
     id: Uuid,
@@ -211,6 +237,10 @@ struct RunningJob {
     command: String,
     /// The `exec.finished` record, caller and arguments filled in.
     record: AuditRecord,
+    /// The result whose `exec.finished` is being written: if the task is
+    /// dropped meanwhile (runtime teardown), `Drop` stores it without a
+    /// second record.
+    pending: Option<JobResult>,
     finished: bool,
 }
 
@@ -227,10 +257,13 @@ impl RunningJob {
             .run(spec, cancel, |at| store.set_running(self.id, at))
             .await;
         let (result, record) = self.conclude(&outcome);
+        self.pending = Some(result);
         if let Err(e) = self.inner.audit.record_async(&record).await {
             self.log_lost_record(&e);
         }
-        self.mark_finished(result);
+        if let Some(result) = self.pending.take() {
+            self.mark_finished(result);
+        }
     }
 
     /// The job result and its `exec.finished` record for `outcome`.
@@ -267,6 +300,9 @@ impl RunningJob {
 
 impl Drop for RunningJob {
     fn drop(&mut self) {
+        if let Some(result) = self.pending.take() {
+            self.mark_finished(result);
+        }
         if !self.finished {
             let outcome = RunOutcome {
                 end: RunEnd::Error("internal error: the job's task ended early".into()),
@@ -415,6 +451,7 @@ mod tests {
             tool: "t".into(),
             command: "c".into(),
             record,
+            pending: None,
             finished: false,
         });
         let result = executor.jobs().get(admitted.id, &caller).unwrap();
@@ -428,6 +465,50 @@ mod tests {
             finished["error"].as_str().unwrap().contains("ended early"),
             "{finished}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_job_dropped_while_its_record_is_written_keeps_its_result_and_one_record() {
+        let audit = Arc::new(AuditLog::in_memory());
+        let executor = Executor::new(ExecSettings::default(), audit.clone());
+        let caller = Identity {
+            node_name: "laptop.ts.net".into(),
+            user_login: "alice@example.com".into(),
+            ..Identity::default()
+        };
+        let admitted = executor.jobs().admit(caller.owner(), "t", "c").unwrap();
+        let outcome = RunOutcome {
+            end: RunEnd::Exited(0),
+            cancelled: None,
+            stdout: Default::default(),
+            stderr: Default::default(),
+            started_at: None,
+            finished_at: SystemTime::now(),
+            duration: Duration::ZERO,
+        };
+        let record = AuditRecord::new(
+            AuditEvent::Finished,
+            AuditCaller::new(&caller, None),
+            "t",
+            "c",
+        );
+        let mut job = RunningJob {
+            inner: executor.inner.clone(),
+            id: admitted.id,
+            tool: "t".into(),
+            command: "c".into(),
+            record,
+            pending: None,
+            finished: false,
+        };
+        // As `run` leaves it while awaiting the write of exec.finished (which
+        // the writer makes on its own): the result is pending.
+        let (result, _record) = job.conclude(&outcome);
+        job.pending = Some(result);
+        drop(job);
+        let result = executor.jobs().get(admitted.id, &caller).unwrap();
+        assert_eq!((result.status, result.exit_code), (JobStatus::Completed, 0));
+        assert!(audit.lines().is_empty(), "Drop wrote a second record");
     }
 
     #[test]
