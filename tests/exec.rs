@@ -224,6 +224,11 @@ async fn statuses_exit_codes_and_signals_follow_the_spec() {
     assert_eq!(r["exit_code"], -1);
     assert_eq!(r["status"], "failed", "the daemon did not send it");
     assert_eq!(r["error"], "killed by signal SIGTERM");
+
+    // A real-time signal: glibc's SIGRTMIN is 34.
+    let r = d.run(r#"{"script": "kill -35 $$"}"#).await;
+    assert_eq!(r["signal"], "SIGRTMIN+1", "{r}");
+    assert_eq!(r["error"], "killed by signal SIGRTMIN+1");
 }
 
 #[tokio::test]

@@ -332,13 +332,23 @@ impl RunOutcome {
     /// The name of the signal that killed the command, if one did.
     pub fn signal_name(&self) -> Option<String> {
         match self.end {
-            RunEnd::Signaled(n) => Some(
-                Signal::try_from(n)
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_else(|_| format!("signal {n}")),
-            ),
+            RunEnd::Signaled(n) => Some(signal_name(n)),
             _ => None,
         }
+    }
+}
+
+/// The name of signal `signo`: `SIGKILL`, ..., `SIGRTMIN+N` for the
+/// real-time ones (numbered from the C library's `SIGRTMIN`, as `kill -l`
+/// does), the bare number for anything else.
+pub fn signal_name(signo: i32) -> String {
+    if let Ok(signal) = Signal::try_from(signo) {
+        return signal.as_str().to_string();
+    }
+    match signo - libc::SIGRTMIN() {
+        0 => "SIGRTMIN".to_string(),
+        n if n > 0 && signo <= libc::SIGRTMAX() => format!("SIGRTMIN+{n}"),
+        _ => signo.to_string(),
     }
 }
 
@@ -932,6 +942,32 @@ mod tests {
             prepare(&c, &obj(json!({"n": "١٢٣"})), 4096),
             Err(ArgError::Pattern { .. })
         ));
+    }
+
+    #[test]
+    fn signals_have_names_real_time_ones_included() {
+        let min = libc::SIGRTMIN();
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(signal_name(13), "SIGPIPE");
+        assert_eq!(signal_name(min), "SIGRTMIN");
+        assert_eq!(signal_name(min + 1), "SIGRTMIN+1");
+        assert_eq!(
+            signal_name(libc::SIGRTMAX()),
+            format!("SIGRTMIN+{}", libc::SIGRTMAX() - min)
+        );
+        assert_eq!(signal_name(libc::SIGRTMAX() + 1), "65");
+        let outcome = RunOutcome {
+            end: RunEnd::Signaled(min + 1),
+            cancelled: None,
+            stdout: Output::default(),
+            stderr: Output::default(),
+            started_at: None,
+            finished_at: SystemTime::now(),
+            duration: Duration::ZERO,
+        };
+        assert_eq!(outcome.signal_name().as_deref(), Some("SIGRTMIN+1"));
+        let result = crate::exec::executor::job_result(uuid::Uuid::nil(), "t", "c", &outcome);
+        assert_eq!(result.error.as_deref(), Some("killed by signal SIGRTMIN+1"));
     }
 
     #[test]
