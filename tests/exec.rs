@@ -14,7 +14,8 @@ use axum::http::StatusCode;
 use fixture::*;
 use serde_json::{Value, json};
 use tailkitd::api::{IdentityResolver, serve_connection};
-use tailkitd::exec::{ExecSettings, Registry, ToolLimits};
+use tailkitd::exec::runner::{RunEnd, RunSpec};
+use tailkitd::exec::{ExecSettings, Registry, Runner, ToolLimits};
 use tailkitd::tailnet::Identity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -370,6 +371,7 @@ async fn a_command_that_cannot_start_fails_and_is_audited() {
         (r["status"].as_str(), r["exit_code"].as_i64()),
         (Some("failed"), Some(-1))
     );
+    assert!(r.get("started_at").is_none_or(Value::is_null), "{r}");
     assert!(
         r["error"].as_str().unwrap().contains("could not start"),
         "{r}"
@@ -380,6 +382,35 @@ async fn a_command_that_cannot_start_fails_and_is_audited() {
         .map(|r| r["event"].clone())
         .collect();
     assert_eq!(events, ["exec.accepted", "exec.finished"]);
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_never_runs() {
+    // The launcher runs, but the program cannot be executed: the job must
+    // not pass through `running`, nor show a start time.
+    let runner = Runner::new(settings().runner_settings());
+    let (_cancel, cancelled) = tokio::sync::watch::channel(None);
+    let mut started = None;
+    let outcome = runner
+        .run(
+            RunSpec {
+                argv: vec!["/nonexistent/program".into()],
+                env: vec![],
+                workdir: None,
+                timeout: LONG,
+                max_output_bytes: 1024,
+            },
+            cancelled,
+            |at| started = Some(at),
+        )
+        .await;
+    assert!(
+        matches!(&outcome.end, RunEnd::Error(e) if e.starts_with("could not start")),
+        "{:?}",
+        outcome.end
+    );
+    assert_eq!(started, None, "on_start was called");
+    assert_eq!(outcome.started_at, None);
 }
 
 // ---------------------------------------------------------------------------

@@ -389,7 +389,8 @@ impl Runner {
     /// exits (then at most `drain_after_exit` more of output, then every
     /// descendant left is killed), or until the timeout or `cancel` (then
     /// SIGTERM to every descendant, SIGKILL after the grace period).
-    /// `on_start` is called once the launcher runs. Never fails: problems
+    /// `on_start` is called once the launcher reports that the program
+    /// started (never for a command that could not start). Never fails: problems
     /// are in [`RunOutcome::end`]. Dropping the future closes the status
     /// socket, which makes the launcher kill everything and exit.
     pub async fn run(
@@ -453,8 +454,8 @@ impl Runner {
             Ok(child) => child,
             Err(e) => return early_end(RunEnd::Error(format!("could not start: {e}")), None),
         };
-        let started_at = SystemTime::now();
-        on_start(started_at);
+        let mut on_start = Some(on_start);
+        let mut started_at = None;
         let launcher_pid = launcher
             .id()
             .and_then(|id| i32::try_from(id).ok())
@@ -483,7 +484,14 @@ impl Runner {
             tokio::select! {
                 line = statuses.next_line() => match line {
                     Ok(Some(line)) => match Status::parse(&line) {
-                        Some(Status::Started(pid)) => program_pid = Some(Pid::from_raw(pid)),
+                        Some(Status::Started(pid)) => {
+                            program_pid = Some(Pid::from_raw(pid));
+                            let now = SystemTime::now();
+                            started_at = Some(now);
+                            if let Some(on_start) = on_start.take() {
+                                on_start(now);
+                            }
+                        }
                         Some(Status::Exited(code)) => break RunEnd::Exited(code),
                         Some(Status::Signaled(signal)) => break RunEnd::Signaled(signal),
                         Some(Status::SpawnError { message, .. }) => {
@@ -549,7 +557,7 @@ impl Runner {
             cancelled,
             stdout: take(&stdout),
             stderr: take(&stderr),
-            started_at: Some(started_at),
+            started_at,
             finished_at: SystemTime::now(),
             duration: start.elapsed(),
         }
