@@ -449,6 +449,52 @@ async fn a_timeout_kills_a_term_ignoring_child_and_its_grandchild() {
     }
 }
 
+#[tokio::test]
+async fn a_launcher_killed_on_its_own_takes_the_command_with_it() {
+    let d = Daemon::command(
+        json!(["/bin/sh", "-c", "echo $$ > {{.file}}; exec sleep 1000"]),
+        json!([{"name": "file"}]),
+        settings(),
+    );
+    let file = d.dir.path().join("pid");
+    let body = json!({"file": file.display().to_string()}).to_string();
+    let (s, v, _) = d.request(&alice(), "POST", "/exec/t/c", &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let id = v["job_id"].as_str().unwrap().to_string();
+    eventually(LONG, "the command's pid", || {
+        std::fs::read_to_string(&file).is_ok_and(|t| pids(&t).len() == 1)
+    })
+    .await;
+    let sleep = pids(&std::fs::read_to_string(&file).unwrap())[0];
+    let _cleanup = KillOnDrop(vec![sleep]);
+    eventually(LONG, "the sleep to run", || {
+        std::fs::read_to_string(format!("/proc/{sleep}/comm")).is_ok_and(|c| c == "sleep\n")
+    })
+    .await;
+    // The launcher is the command's parent (as the OOM killer would).
+    let launcher = proc_field(sleep, 1);
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{launcher}/comm")).unwrap(),
+        "tailkitd-launch\n"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launcher),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (s, r, _) = d
+        .request(&alice(), "GET", &format!("/exec/jobs/{id}?wait=30s"), "")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (r["status"].as_str(), r["exit_code"].as_i64()),
+        (Some("failed"), Some(-1)),
+        "{r}"
+    );
+    assert!(r["error"].as_str().unwrap().contains("launcher"), "{r}");
+    assert!(process_gone(sleep), "the command outlived its launcher");
+}
+
 /// The command of the setsid tests (`$1`: a directory holding
 /// `leaf.sh`): one descendant that calls setsid while its parent lives,
 /// one that ignores SIGTERM and is orphaned at once (setsid, then its

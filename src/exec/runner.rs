@@ -30,7 +30,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
-use super::launcher::{LAUNCHER_NAME, Order, Status};
+use super::launcher::{LAUNCHER_NAME, Order, Status, proc_stat, proc_stats};
 use super::tool::{Arg, ArgType, Command, Segment};
 
 /// The only PATH commands see, and the one bare program names are looked
@@ -473,7 +473,7 @@ impl Runner {
 
         let (reader, mut orders) = status_socket.into_split();
         let mut statuses = BufReader::new(reader).lines();
-        let mut program_pid = None;
+        let mut group = None;
         let mut cancelled = None;
         let mut stage = Stage::Running;
         let timeout = tokio::time::sleep(spec.timeout);
@@ -485,7 +485,7 @@ impl Runner {
                 line = statuses.next_line() => match line {
                     Ok(Some(line)) => match Status::parse(&line) {
                         Some(Status::Started(pid)) => {
-                            program_pid = Some(Pid::from_raw(pid));
+                            group = Some(ProgramGroup::started(pid));
                             let now = SystemTime::now();
                             started_at = Some(now);
                             if let Some(on_start) = on_start.take() {
@@ -507,7 +507,18 @@ impl Runner {
                         }
                         None => tracing::warn!(line, "unexpected status line from the launcher"),
                     },
-                    Ok(None) | Err(_) => break RunEnd::Error(launcher_died(&mut launcher).await),
+                    Ok(None) | Err(_) => {
+                        // The launcher died (SIGKILL, the OOM killer) or
+                        // broke the protocol: nobody sweeps, and the
+                        // command, now a child of init, would run on.
+                        if let Some(group) = group.filter(ProgramGroup::kill) {
+                            tracing::warn!(
+                                pgid = group.pgid,
+                                "the launcher is gone; killed the command's process group"
+                            );
+                        }
+                        break RunEnd::Error(launcher_died(&mut launcher).await);
+                    }
                 },
                 () = &mut timeout, if stage == Stage::Running => {
                     cancelled = Some(CancelReason::Timeout(spec.timeout));
@@ -528,7 +539,7 @@ impl Runner {
                 }
                 () = &mut exit_limit, if stage == Stage::Killing => {
                     stage = Stage::Forced;
-                    force_kill(launcher_pid, program_pid);
+                    force_kill(launcher_pid, group);
                 }
             }
         };
@@ -545,7 +556,7 @@ impl Runner {
             .await
             .is_err()
         {
-            force_kill(launcher_pid, program_pid);
+            force_kill(launcher_pid, group);
             let _ = launcher.wait().await;
         }
         let all_drained = async { while drains.join_next().await.is_some() {} };
@@ -592,7 +603,7 @@ async fn launcher_died(launcher: &mut tokio::process::Child) -> String {
 /// The fallback when the launcher does not exit after `kill`: SIGKILL to
 /// it and to the command's process group. Descendants outside the group
 /// may survive this; it only happens if the launcher hangs.
-fn force_kill(launcher: Option<Pid>, program: Option<Pid>) {
+fn force_kill(launcher: Option<Pid>, program: Option<ProgramGroup>) {
     tracing::warn!(
         launcher = launcher.map(Pid::as_raw),
         "the launcher did not exit in time; killing it and the command's process group"
@@ -601,7 +612,52 @@ fn force_kill(launcher: Option<Pid>, program: Option<Pid>) {
         let _ = kill(pid, Signal::SIGKILL);
     }
     if let Some(group) = program {
-        let _ = killpg(group, Signal::SIGKILL);
+        group.kill();
+    }
+}
+
+/// The command's process group, for killing it without the launcher
+/// (when the launcher died or hangs). The program leads it: its id is the
+/// program's pid, from `started`.
+#[derive(Debug, Clone, Copy)]
+struct ProgramGroup {
+    pgid: i32,
+    /// The program's start time, read when `started` came (`None` if it
+    /// was gone already): tells the program from a later process that got
+    /// its pid.
+    start_time: Option<u64>,
+}
+
+impl ProgramGroup {
+    fn started(pid: i32) -> Self {
+        ProgramGroup {
+            pgid: pid,
+            start_time: proc_stat(pid).map(|p| p.start_time),
+        }
+    }
+
+    /// Whether the group still exists and is the command's: its leader is
+    /// the program (same start time) and still leads it; or the program
+    /// is gone or left the group (the pid still the program's), and some
+    /// process is still in the group — a group id is never given to a new
+    /// group while the old one has members.
+    fn is_live(&self) -> bool {
+        match proc_stat(self.pgid) {
+            Some(p) if self.start_time.is_some_and(|t| t != p.start_time) => false,
+            Some(p) if p.pgid == self.pgid => true,
+            _ => proc_stats()
+                .iter()
+                .any(|p| p.pgid == self.pgid && p.state != 'Z'),
+        }
+    }
+
+    /// SIGKILL to the whole group, if [`ProgramGroup::is_live`]; returns
+    /// whether it was sent. The pid-reuse window left: between the check
+    /// and the signal, the group's last process could end and pids wrap
+    /// all the way round to a new group leader given the same id (no
+    /// pidfd names a process group, so this instant cannot be closed).
+    fn kill(&self) -> bool {
+        self.is_live() && killpg(Pid::from_raw(self.pgid), Signal::SIGKILL).is_ok()
     }
 }
 
