@@ -495,6 +495,49 @@ async fn a_launcher_killed_on_its_own_takes_the_command_with_it() {
     assert!(process_gone(sleep), "the command outlived its launcher");
 }
 
+#[tokio::test]
+async fn descendants_get_the_grace_period_when_the_main_process_dies_of_sigterm() {
+    // The main shell dies of SIGTERM at once; its background child (not
+    // holding the output pipes) takes a second to clean up on SIGTERM.
+    let d = Daemon::command(
+        json!([
+            "/bin/sh",
+            "-c",
+            r#"cd "$1" || exit 1
+sh -c 'trap "sleep 1; touch marker; exit 0" TERM; echo $$ > pids; while :; do sleep 0.05; done' >/dev/null 2>&1 &
+wait"#,
+            "sh",
+            "{{.dir}}"
+        ]),
+        json!([{"name": "dir"}]),
+        ExecSettings {
+            kill_grace: Duration::from_secs(5),
+            ..settings()
+        },
+    );
+    let dir = d.dir.path();
+    let body = json!({"dir": dir.display().to_string()}).to_string();
+    let (s, v, _) = d.request(&alice(), "POST", "/exec/t/c", &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let id = v["job_id"].as_str().unwrap().to_string();
+    eventually(LONG, "the child's pid", || pids_in(dir).len() == 1).await;
+    let child = pids_in(dir)[0];
+    let _cleanup = KillOnDrop(vec![child]);
+    let (s, r, _) = d
+        .request(&alice(), "DELETE", &format!("/exec/jobs/{id}"), "")
+        .await;
+    assert_eq!(
+        (s, r["status"].as_str()),
+        (StatusCode::OK, Some("cancelled")),
+        "{r}"
+    );
+    assert!(
+        dir.join("marker").exists(),
+        "the child was killed before the end of its grace period"
+    );
+    assert!(process_gone(child), "the child outlived its job");
+}
+
 /// The command of the setsid tests (`$1`: a directory holding
 /// `leaf.sh`): one descendant that calls setsid while its parent lives,
 /// one that ignores SIGTERM and is orphaned at once (setsid, then its

@@ -268,7 +268,9 @@ pub struct RunnerSettings {
     pub launcher: PathBuf,
     /// Time between SIGTERM and SIGKILL on timeout or cancel.
     pub kill_grace: Duration,
-    /// How long output is still drained after the main process exited.
+    /// How long output is still drained after the main process exited
+    /// (unless the command was being terminated: then until the end of
+    /// the grace period).
     pub drain_after_exit: Duration,
 }
 
@@ -388,11 +390,12 @@ impl Runner {
     /// Runs `spec` through the launcher to its end: until the main process
     /// exits (then at most `drain_after_exit` more of output, then every
     /// descendant left is killed), or until the timeout or `cancel` (then
-    /// SIGTERM to every descendant, SIGKILL after the grace period).
+    /// SIGTERM to every descendant, SIGKILL after the grace period, which
+    /// descendants get in full even if the main process ends at once).
     /// `on_start` is called once the launcher reports that the program
-    /// started (never for a command that could not start). Never fails: problems
-    /// are in [`RunOutcome::end`]. Dropping the future closes the status
-    /// socket, which makes the launcher kill everything and exit.
+    /// started (never for a command that could not start). Never fails:
+    /// problems are in [`RunOutcome::end`]. Dropping the future closes the
+    /// status socket, which makes the launcher kill everything and exit.
     pub async fn run(
         &self,
         spec: RunSpec,
@@ -544,11 +547,23 @@ impl Runner {
             }
         };
 
-        // The main process is gone: give the pipes a moment to empty (a
-        // background grandchild may hold them open forever), then have the
-        // launcher kill whatever is left and keep what was read.
-        let all_drained = async { while drains.join_next().await.is_some() {} };
-        let _ = tokio::time::timeout(self.settings.drain_after_exit, all_drained).await;
+        if stage == Stage::Terminating {
+            // `term` was sent and the main process is gone (it usually
+            // dies of the SIGTERM at once): the rest of the command still
+            // gets the whole grace period, unless it ends first and the
+            // launcher exits by itself. Output is read meanwhile.
+            tokio::select! {
+                () = &mut grace => {}
+                _ = launcher.wait() => {}
+            }
+        } else {
+            // The main process is gone: give the pipes a moment to empty
+            // (a background grandchild may hold them open forever).
+            let all_drained = async { while drains.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(self.settings.drain_after_exit, all_drained).await;
+        }
+        // Then have the launcher kill whatever is left, and keep what was
+        // read.
         if stage < Stage::Killing {
             send(&mut orders, Order::Kill).await;
         }
