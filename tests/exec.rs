@@ -14,7 +14,8 @@ use axum::http::StatusCode;
 use fixture::*;
 use serde_json::{Value, json};
 use tailkitd::api::{IdentityResolver, serve_connection};
-use tailkitd::exec::{ExecSettings, Registry, ToolLimits};
+use tailkitd::exec::runner::{RunEnd, RunSpec};
+use tailkitd::exec::{ExecSettings, Registry, Runner, ToolLimits};
 use tailkitd::tailnet::Identity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -224,6 +225,11 @@ async fn statuses_exit_codes_and_signals_follow_the_spec() {
     assert_eq!(r["exit_code"], -1);
     assert_eq!(r["status"], "failed", "the daemon did not send it");
     assert_eq!(r["error"], "killed by signal SIGTERM");
+
+    // A real-time signal: glibc's SIGRTMIN is 34.
+    let r = d.run(r#"{"script": "kill -35 $$"}"#).await;
+    assert_eq!(r["signal"], "SIGRTMIN+1", "{r}");
+    assert_eq!(r["error"], "killed by signal SIGRTMIN+1");
 }
 
 #[tokio::test]
@@ -365,6 +371,7 @@ async fn a_command_that_cannot_start_fails_and_is_audited() {
         (r["status"].as_str(), r["exit_code"].as_i64()),
         (Some("failed"), Some(-1))
     );
+    assert!(r.get("started_at").is_none_or(Value::is_null), "{r}");
     assert!(
         r["error"].as_str().unwrap().contains("could not start"),
         "{r}"
@@ -375,6 +382,35 @@ async fn a_command_that_cannot_start_fails_and_is_audited() {
         .map(|r| r["event"].clone())
         .collect();
     assert_eq!(events, ["exec.accepted", "exec.finished"]);
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_never_runs() {
+    // The launcher runs, but the program cannot be executed: the job must
+    // not pass through `running`, nor show a start time.
+    let runner = Runner::new(settings().runner_settings());
+    let (_cancel, cancelled) = tokio::sync::watch::channel(None);
+    let mut started = None;
+    let outcome = runner
+        .run(
+            RunSpec {
+                argv: vec!["/nonexistent/program".into()],
+                env: vec![],
+                workdir: None,
+                timeout: LONG,
+                max_output_bytes: 1024,
+            },
+            cancelled,
+            |at| started = Some(at),
+        )
+        .await;
+    assert!(
+        matches!(&outcome.end, RunEnd::Error(e) if e.starts_with("could not start")),
+        "{:?}",
+        outcome.end
+    );
+    assert_eq!(started, None, "on_start was called");
+    assert_eq!(outcome.started_at, None);
 }
 
 // ---------------------------------------------------------------------------
@@ -411,6 +447,95 @@ async fn a_timeout_kills_a_term_ignoring_child_and_its_grandchild() {
     for pid in pids {
         assert!(process_gone(pid), "process {pid} survived the timeout");
     }
+}
+
+#[tokio::test]
+async fn a_launcher_killed_on_its_own_takes_the_command_with_it() {
+    let d = Daemon::command(
+        json!(["/bin/sh", "-c", "echo $$ > {{.file}}; exec sleep 1000"]),
+        json!([{"name": "file"}]),
+        settings(),
+    );
+    let file = d.dir.path().join("pid");
+    let body = json!({"file": file.display().to_string()}).to_string();
+    let (s, v, _) = d.request(&alice(), "POST", "/exec/t/c", &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let id = v["job_id"].as_str().unwrap().to_string();
+    eventually(LONG, "the command's pid", || {
+        std::fs::read_to_string(&file).is_ok_and(|t| pids(&t).len() == 1)
+    })
+    .await;
+    let sleep = pids(&std::fs::read_to_string(&file).unwrap())[0];
+    let _cleanup = KillOnDrop(vec![sleep]);
+    eventually(LONG, "the sleep to run", || {
+        std::fs::read_to_string(format!("/proc/{sleep}/comm")).is_ok_and(|c| c == "sleep\n")
+    })
+    .await;
+    // The launcher is the command's parent (as the OOM killer would).
+    let launcher = proc_field(sleep, 1);
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{launcher}/comm")).unwrap(),
+        "tailkitd-launch\n"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launcher),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (s, r, _) = d
+        .request(&alice(), "GET", &format!("/exec/jobs/{id}?wait=30s"), "")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (r["status"].as_str(), r["exit_code"].as_i64()),
+        (Some("failed"), Some(-1)),
+        "{r}"
+    );
+    assert!(r["error"].as_str().unwrap().contains("launcher"), "{r}");
+    assert!(process_gone(sleep), "the command outlived its launcher");
+}
+
+#[tokio::test]
+async fn descendants_get_the_grace_period_when_the_main_process_dies_of_sigterm() {
+    // The main shell dies of SIGTERM at once; its background child (not
+    // holding the output pipes) takes a second to clean up on SIGTERM.
+    let d = Daemon::command(
+        json!([
+            "/bin/sh",
+            "-c",
+            r#"cd "$1" || exit 1
+sh -c 'trap "sleep 1; touch marker; exit 0" TERM; echo $$ > pids; while :; do sleep 0.05; done' >/dev/null 2>&1 &
+wait"#,
+            "sh",
+            "{{.dir}}"
+        ]),
+        json!([{"name": "dir"}]),
+        ExecSettings {
+            kill_grace: Duration::from_secs(5),
+            ..settings()
+        },
+    );
+    let dir = d.dir.path();
+    let body = json!({"dir": dir.display().to_string()}).to_string();
+    let (s, v, _) = d.request(&alice(), "POST", "/exec/t/c", &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let id = v["job_id"].as_str().unwrap().to_string();
+    eventually(LONG, "the child's pid", || pids_in(dir).len() == 1).await;
+    let child = pids_in(dir)[0];
+    let _cleanup = KillOnDrop(vec![child]);
+    let (s, r, _) = d
+        .request(&alice(), "DELETE", &format!("/exec/jobs/{id}"), "")
+        .await;
+    assert_eq!(
+        (s, r["status"].as_str()),
+        (StatusCode::OK, Some("cancelled")),
+        "{r}"
+    );
+    assert!(
+        dir.join("marker").exists(),
+        "the child was killed before the end of its grace period"
+    );
+    assert!(process_gone(child), "the child outlived its job");
 }
 
 /// The command of the setsid tests (`$1`: a directory holding

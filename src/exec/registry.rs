@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -190,18 +190,25 @@ impl Registry {
     /// Reloads are serialized: one that starts while another runs waits for
     /// it, so the stored index is always from the latest scan.
     pub fn reload(&self) -> ReloadReport {
-        self.reload_with(|| {})
+        self.reload_with(|| {}, || {})
     }
 
-    /// [`Registry::reload`], calling `after_scan` between the scan and the
-    /// swap (where a test pauses a reload).
-    fn reload_with(&self, after_scan: impl FnOnce()) -> ReloadReport {
+    /// [`Registry::reload`], calling `waiting` if another reload holds the
+    /// lock (just before waiting for it), and `after_scan` between the scan
+    /// and the swap: where tests observe and pause reloads.
+    fn reload_with(&self, waiting: impl FnOnce(), after_scan: impl FnOnce()) -> ReloadReport {
         // `()` cannot be left inconsistent by a panic, so a poisoned lock
         // is still usable.
-        let _reloading = self
-            .reloading
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _reloading = match self.reloading.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                waiting();
+                self.reloading
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            }
+        };
         let new = Index::from_loaded(load_dir(&self.dir, &self.limits));
         after_scan();
         let old = self.index.load();
@@ -407,10 +414,13 @@ mod tests {
         let a = std::thread::spawn({
             let registry = Arc::clone(&registry);
             move || {
-                registry.reload_with(|| {
-                    scanned_tx.send(()).unwrap();
-                    let _ = resume_rx.recv();
-                })
+                registry.reload_with(
+                    || {},
+                    || {
+                        scanned_tx.send(()).unwrap();
+                        let _ = resume_rx.recv();
+                    },
+                )
             }
         });
         scanned.recv().unwrap();
@@ -418,16 +428,15 @@ mod tests {
         // The directory changes and reload B (the watcher) runs meanwhile.
         write(dir.path(), "a", &[("new", "true")]);
         std::fs::remove_file(dir.path().join("b.json")).unwrap();
+        let (waiting_tx, waiting) = mpsc::channel::<()>();
         let b = std::thread::spawn({
             let registry = Arc::clone(&registry);
-            move || registry.reload()
+            move || registry.reload_with(move || waiting_tx.send(()).unwrap(), || {})
         });
-        // Unserialized, B stores the new scan well within this; serialized,
-        // it waits for A.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while !b.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        // Serialized, B says it waits for A's lock; unserialized, B stores
+        // its scan and returns without a word (its sender is dropped).
+        // Either way A resumes only after that.
+        let _ = waiting.recv();
         resume.send(()).unwrap();
         a.join().unwrap();
         b.join().unwrap();

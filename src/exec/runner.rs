@@ -30,7 +30,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
-use super::launcher::{LAUNCHER_NAME, Order, Status};
+use super::launcher::{LAUNCHER_NAME, Order, Status, proc_stat, proc_stats};
 use super::tool::{Arg, ArgType, Command, Segment};
 
 /// The only PATH commands see, and the one bare program names are looked
@@ -268,7 +268,9 @@ pub struct RunnerSettings {
     pub launcher: PathBuf,
     /// Time between SIGTERM and SIGKILL on timeout or cancel.
     pub kill_grace: Duration,
-    /// How long output is still drained after the main process exited.
+    /// How long output is still drained after the main process exited
+    /// (unless the command was being terminated: then until the end of
+    /// the grace period).
     pub drain_after_exit: Duration,
 }
 
@@ -332,13 +334,23 @@ impl RunOutcome {
     /// The name of the signal that killed the command, if one did.
     pub fn signal_name(&self) -> Option<String> {
         match self.end {
-            RunEnd::Signaled(n) => Some(
-                Signal::try_from(n)
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_else(|_| format!("signal {n}")),
-            ),
+            RunEnd::Signaled(n) => Some(signal_name(n)),
             _ => None,
         }
+    }
+}
+
+/// The name of signal `signo`: `SIGKILL`, ..., `SIGRTMIN+N` for the
+/// real-time ones (numbered from the C library's `SIGRTMIN`, as `kill -l`
+/// does), the bare number for anything else.
+pub fn signal_name(signo: i32) -> String {
+    if let Ok(signal) = Signal::try_from(signo) {
+        return signal.as_str().to_string();
+    }
+    match signo - libc::SIGRTMIN() {
+        0 => "SIGRTMIN".to_string(),
+        n if n > 0 && signo <= libc::SIGRTMAX() => format!("SIGRTMIN+{n}"),
+        _ => signo.to_string(),
     }
 }
 
@@ -378,10 +390,12 @@ impl Runner {
     /// Runs `spec` through the launcher to its end: until the main process
     /// exits (then at most `drain_after_exit` more of output, then every
     /// descendant left is killed), or until the timeout or `cancel` (then
-    /// SIGTERM to every descendant, SIGKILL after the grace period).
-    /// `on_start` is called once the launcher runs. Never fails: problems
-    /// are in [`RunOutcome::end`]. Dropping the future closes the status
-    /// socket, which makes the launcher kill everything and exit.
+    /// SIGTERM to every descendant, SIGKILL after the grace period, which
+    /// descendants get in full even if the main process ends at once).
+    /// `on_start` is called once the launcher reports that the program
+    /// started (never for a command that could not start). Never fails:
+    /// problems are in [`RunOutcome::end`]. Dropping the future closes the
+    /// status socket, which makes the launcher kill everything and exit.
     pub async fn run(
         &self,
         spec: RunSpec,
@@ -443,8 +457,8 @@ impl Runner {
             Ok(child) => child,
             Err(e) => return early_end(RunEnd::Error(format!("could not start: {e}")), None),
         };
-        let started_at = SystemTime::now();
-        on_start(started_at);
+        let mut on_start = Some(on_start);
+        let mut started_at = None;
         let launcher_pid = launcher
             .id()
             .and_then(|id| i32::try_from(id).ok())
@@ -462,7 +476,7 @@ impl Runner {
 
         let (reader, mut orders) = status_socket.into_split();
         let mut statuses = BufReader::new(reader).lines();
-        let mut program_pid = None;
+        let mut group = None;
         let mut cancelled = None;
         let mut stage = Stage::Running;
         let timeout = tokio::time::sleep(spec.timeout);
@@ -473,7 +487,14 @@ impl Runner {
             tokio::select! {
                 line = statuses.next_line() => match line {
                     Ok(Some(line)) => match Status::parse(&line) {
-                        Some(Status::Started(pid)) => program_pid = Some(Pid::from_raw(pid)),
+                        Some(Status::Started(pid)) => {
+                            group = Some(ProgramGroup::started(pid));
+                            let now = SystemTime::now();
+                            started_at = Some(now);
+                            if let Some(on_start) = on_start.take() {
+                                on_start(now);
+                            }
+                        }
                         Some(Status::Exited(code)) => break RunEnd::Exited(code),
                         Some(Status::Signaled(signal)) => break RunEnd::Signaled(signal),
                         Some(Status::SpawnError { message, .. }) => {
@@ -489,7 +510,18 @@ impl Runner {
                         }
                         None => tracing::warn!(line, "unexpected status line from the launcher"),
                     },
-                    Ok(None) | Err(_) => break RunEnd::Error(launcher_died(&mut launcher).await),
+                    Ok(None) | Err(_) => {
+                        // The launcher died (SIGKILL, the OOM killer) or
+                        // broke the protocol: nobody sweeps, and the
+                        // command, now a child of init, would run on.
+                        if let Some(group) = group.filter(ProgramGroup::kill) {
+                            tracing::warn!(
+                                pgid = group.pgid,
+                                "the launcher is gone; killed the command's process group"
+                            );
+                        }
+                        break RunEnd::Error(launcher_died(&mut launcher).await);
+                    }
                 },
                 () = &mut timeout, if stage == Stage::Running => {
                     cancelled = Some(CancelReason::Timeout(spec.timeout));
@@ -510,16 +542,28 @@ impl Runner {
                 }
                 () = &mut exit_limit, if stage == Stage::Killing => {
                     stage = Stage::Forced;
-                    force_kill(launcher_pid, program_pid);
+                    force_kill(launcher_pid, group);
                 }
             }
         };
 
-        // The main process is gone: give the pipes a moment to empty (a
-        // background grandchild may hold them open forever), then have the
-        // launcher kill whatever is left and keep what was read.
-        let all_drained = async { while drains.join_next().await.is_some() {} };
-        let _ = tokio::time::timeout(self.settings.drain_after_exit, all_drained).await;
+        if stage == Stage::Terminating {
+            // `term` was sent and the main process is gone (it usually
+            // dies of the SIGTERM at once): the rest of the command still
+            // gets the whole grace period, unless it ends first and the
+            // launcher exits by itself. Output is read meanwhile.
+            tokio::select! {
+                () = &mut grace => {}
+                _ = launcher.wait() => {}
+            }
+        } else {
+            // The main process is gone: give the pipes a moment to empty
+            // (a background grandchild may hold them open forever).
+            let all_drained = async { while drains.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(self.settings.drain_after_exit, all_drained).await;
+        }
+        // Then have the launcher kill whatever is left, and keep what was
+        // read.
         if stage < Stage::Killing {
             send(&mut orders, Order::Kill).await;
         }
@@ -527,7 +571,7 @@ impl Runner {
             .await
             .is_err()
         {
-            force_kill(launcher_pid, program_pid);
+            force_kill(launcher_pid, group);
             let _ = launcher.wait().await;
         }
         let all_drained = async { while drains.join_next().await.is_some() {} };
@@ -539,7 +583,7 @@ impl Runner {
             cancelled,
             stdout: take(&stdout),
             stderr: take(&stderr),
-            started_at: Some(started_at),
+            started_at,
             finished_at: SystemTime::now(),
             duration: start.elapsed(),
         }
@@ -574,7 +618,7 @@ async fn launcher_died(launcher: &mut tokio::process::Child) -> String {
 /// The fallback when the launcher does not exit after `kill`: SIGKILL to
 /// it and to the command's process group. Descendants outside the group
 /// may survive this; it only happens if the launcher hangs.
-fn force_kill(launcher: Option<Pid>, program: Option<Pid>) {
+fn force_kill(launcher: Option<Pid>, program: Option<ProgramGroup>) {
     tracing::warn!(
         launcher = launcher.map(Pid::as_raw),
         "the launcher did not exit in time; killing it and the command's process group"
@@ -583,7 +627,52 @@ fn force_kill(launcher: Option<Pid>, program: Option<Pid>) {
         let _ = kill(pid, Signal::SIGKILL);
     }
     if let Some(group) = program {
-        let _ = killpg(group, Signal::SIGKILL);
+        group.kill();
+    }
+}
+
+/// The command's process group, for killing it without the launcher
+/// (when the launcher died or hangs). The program leads it: its id is the
+/// program's pid, from `started`.
+#[derive(Debug, Clone, Copy)]
+struct ProgramGroup {
+    pgid: i32,
+    /// The program's start time, read when `started` came (`None` if it
+    /// was gone already): tells the program from a later process that got
+    /// its pid.
+    start_time: Option<u64>,
+}
+
+impl ProgramGroup {
+    fn started(pid: i32) -> Self {
+        ProgramGroup {
+            pgid: pid,
+            start_time: proc_stat(pid).map(|p| p.start_time),
+        }
+    }
+
+    /// Whether the group still exists and is the command's: its leader is
+    /// the program (same start time) and still leads it; or the program
+    /// is gone or left the group (the pid still the program's), and some
+    /// process is still in the group — a group id is never given to a new
+    /// group while the old one has members.
+    fn is_live(&self) -> bool {
+        match proc_stat(self.pgid) {
+            Some(p) if self.start_time.is_some_and(|t| t != p.start_time) => false,
+            Some(p) if p.pgid == self.pgid => true,
+            _ => proc_stats()
+                .iter()
+                .any(|p| p.pgid == self.pgid && p.state != 'Z'),
+        }
+    }
+
+    /// SIGKILL to the whole group, if [`ProgramGroup::is_live`]; returns
+    /// whether it was sent. The pid-reuse window left: between the check
+    /// and the signal, the group's last process could end and pids wrap
+    /// all the way round to a new group leader given the same id (no
+    /// pidfd names a process group, so this instant cannot be closed).
+    fn kill(&self) -> bool {
+        self.is_live() && killpg(Pid::from_raw(self.pgid), Signal::SIGKILL).is_ok()
     }
 }
 
@@ -932,6 +1021,32 @@ mod tests {
             prepare(&c, &obj(json!({"n": "١٢٣"})), 4096),
             Err(ArgError::Pattern { .. })
         ));
+    }
+
+    #[test]
+    fn signals_have_names_real_time_ones_included() {
+        let min = libc::SIGRTMIN();
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(signal_name(13), "SIGPIPE");
+        assert_eq!(signal_name(min), "SIGRTMIN");
+        assert_eq!(signal_name(min + 1), "SIGRTMIN+1");
+        assert_eq!(
+            signal_name(libc::SIGRTMAX()),
+            format!("SIGRTMIN+{}", libc::SIGRTMAX() - min)
+        );
+        assert_eq!(signal_name(libc::SIGRTMAX() + 1), "65");
+        let outcome = RunOutcome {
+            end: RunEnd::Signaled(min + 1),
+            cancelled: None,
+            stdout: Output::default(),
+            stderr: Output::default(),
+            started_at: None,
+            finished_at: SystemTime::now(),
+            duration: Duration::ZERO,
+        };
+        assert_eq!(outcome.signal_name().as_deref(), Some("SIGRTMIN+1"));
+        let result = crate::exec::executor::job_result(uuid::Uuid::nil(), "t", "c", &outcome);
+        assert_eq!(result.error.as_deref(), Some("killed by signal SIGRTMIN+1"));
     }
 
     #[test]
