@@ -707,9 +707,9 @@ async fn delete_job(
         return Err(ApiError::job_not_found());
     }
     tracing::info!(job_id = %id, "job cancelled by its owner");
-    // SIGTERM, the grace period, SIGKILL and the final drain all fit in this.
-    let settings = executor.settings();
-    let bound = settings.kill_grace + settings.drain_after_exit + Duration::from_secs(5);
+    // The run ends within its stop limit; the extra second is for the
+    // executor to record the result.
+    let bound = executor.settings().runner_settings().stop_limit() + Duration::from_secs(1);
     executor
         .jobs()
         .wait(id, &caller.identity, bound)

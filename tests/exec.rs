@@ -538,6 +538,92 @@ wait"#,
     assert!(process_gone(child), "the child outlived its job");
 }
 
+/// The live processes (zombies aside) whose command line contains `token`.
+fn processes_with_arg(token: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let found = cmdline
+                .split(|&b| b == 0)
+                .any(|arg| arg == token.as_bytes());
+            (found && !process_gone(pid)).then_some(pid)
+        })
+        .collect()
+}
+
+/// SIGKILLs every process with `token` in its command line until none is
+/// left when a test ends, so that a failing storm test leaves nothing
+/// behind.
+struct KillStormOnDrop(String);
+
+impl Drop for KillStormOnDrop {
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = processes_with_arg(&self.0);
+            if left.is_empty() || std::time::Instant::now() >= deadline {
+                break;
+            }
+            for pid in left {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_fork_storm_is_swept_completely() {
+    // Twelve chains of processes that ignore SIGTERM; each generation
+    // leaves its parent's process group and session (setsid), forks its
+    // successor and exits at once, so that neither a pid nor a group stays
+    // put for long. Bounded (20000 generations each) so that a failure
+    // cannot hurt the machine; every chain carries the test's directory as
+    // an argument, to be found by.
+    let d = Daemon::command(
+        json!([
+            "/bin/sh",
+            "-c",
+            r#"for i in 1 2 3 4 5 6 7 8 9 10 11 12; do
+  perl -e 'use POSIX; $SIG{TERM} = "IGNORE"; for (1..20000) { POSIX::setsid(); exit 0 if fork() }' "$1" &
+done
+sleep 1000"#,
+            "sh",
+            "{{.dir}}"
+        ]),
+        json!([{"name": "dir"}]),
+        settings(),
+    );
+    let token = d.dir.path().display().to_string();
+    let _cleanup = KillStormOnDrop(token.clone());
+    let body = json!({ "dir": token }).to_string();
+    let (s, v, _) = d.request(&alice(), "POST", "/exec/t/c", &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let id = v["job_id"].as_str().unwrap().to_string();
+    eventually(LONG, "the storm", || processes_with_arg(&token).len() >= 12).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, r, _) = d
+        .request(&alice(), "DELETE", &format!("/exec/jobs/{id}"), "")
+        .await;
+    assert_eq!(
+        (s, r["status"].as_str()),
+        (StatusCode::OK, Some("cancelled")),
+        "{r}"
+    );
+    let left = processes_with_arg(&token);
+    assert!(
+        left.is_empty(),
+        "part of the storm outlived its job: {left:?}"
+    );
+}
+
 /// The command of the setsid tests (`$1`: a directory holding
 /// `leaf.sh`): one descendant that calls setsid while its parent lives,
 /// one that ignores SIGTERM and is orphaned at once (setsid, then its

@@ -445,26 +445,42 @@ impl Launcher {
         }
     }
 
-    /// SIGKILLs every descendant and reaps them until no child is left, or
-    /// until [`SWEEP_LIMIT`]; returns the exit code.
+    /// SIGKILLs the program's group and every descendant and reaps them,
+    /// round after round, until no child is left. Gives up after
+    /// [`SWEEP_LIMIT`], and then says so on the status socket (`error
+    /// sweep incomplete: ...`, for the daemon to try the group once more)
+    /// before exiting. Returns the exit code.
     fn sweep(&mut self) -> i32 {
         let deadline = Instant::now() + SWEEP_LIMIT;
         loop {
-            if !self.program_reaped {
-                let _ = killpg(self.program, Signal::SIGKILL);
-            }
-            for p in descendants() {
+            let left = descendants();
+            self.signal_group(&left, Signal::SIGKILL);
+            for p in &left {
                 let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
             }
             if !self.reap() {
                 return 0;
             }
             if Instant::now() >= deadline {
+                let left = descendants().len();
+                self.send(&Status::Error(format!(
+                    "sweep incomplete: {left} processes left after {SWEEP_LIMIT:?}"
+                )));
                 return SWEEP_GAVE_UP;
             }
             // Wait for the next child to end (its children are ours then).
             self.wait(false, PollTimeout::from(10u8));
             self.take_signals();
+        }
+    }
+
+    /// Sends `signal` to the program's process group, if it is still
+    /// there: the program not reaped yet, or one of `descendants` still in
+    /// the group (its id cannot go to another group while it has members).
+    fn signal_group(&self, descendants: &[ProcStat], signal: Signal) {
+        let id = self.program.as_raw();
+        if !self.program_reaped || descendants.iter().any(|p| p.pgid == id) {
+            let _ = killpg(self.program, signal);
         }
     }
 

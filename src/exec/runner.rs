@@ -274,6 +274,16 @@ pub struct RunnerSettings {
     pub drain_after_exit: Duration,
 }
 
+impl RunnerSettings {
+    /// The longest a run can take from its cancellation to its end: the
+    /// grace period, then the launcher's time to sweep and exit (or be
+    /// SIGKILLed), the wait for a launcher that died, and the last reads
+    /// of its status socket and of the output pipes.
+    pub fn stop_limit(&self) -> Duration {
+        self.kill_grace + LAUNCHER_EXIT_LIMIT + LAUNCHER_DIED_WAIT + 2 * FINAL_DRAIN
+    }
+}
+
 /// One command to run.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -361,6 +371,10 @@ const LAUNCHER_EXIT_LIMIT: Duration = Duration::from_secs(5);
 /// How long output is still read after the launcher swept and exited (its
 /// writers are all dead by then: only what is buffered is left).
 const FINAL_DRAIN: Duration = Duration::from_millis(100);
+
+/// How long the exit status of a launcher that closed its status socket
+/// early is waited for, to put it in the job's error.
+const LAUNCHER_DIED_WAIT: Duration = Duration::from_secs(1);
 
 /// Where a run stands on its way to stopping the command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -574,6 +588,19 @@ impl Runner {
             force_kill(launcher_pid, group);
             let _ = launcher.wait().await;
         }
+        // The launcher is gone, and with it its end of the status socket:
+        // what it said after the command's end is all buffered. An
+        // incomplete sweep (a fork storm outran it) gets a last SIGKILL of
+        // the command's process group from here.
+        let late = async {
+            while let Ok(Some(line)) = statuses.next_line().await {
+                if let Some(Status::Error(message)) = Status::parse(&line) {
+                    let killed = group.is_some_and(|g| g.kill());
+                    tracing::warn!(message, killed, "the launcher could not kill everything");
+                }
+            }
+        };
+        let _ = tokio::time::timeout(FINAL_DRAIN, late).await;
         let all_drained = async { while drains.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(FINAL_DRAIN, all_drained).await;
         drains.abort_all();
@@ -608,7 +635,7 @@ async fn send(orders: &mut OwnedWriteHalf, order: Order) {
 /// The error of a job whose launcher closed the status socket before
 /// reporting how the command ended.
 async fn launcher_died(launcher: &mut tokio::process::Child) -> String {
-    let how = match tokio::time::timeout(Duration::from_secs(1), launcher.wait()).await {
+    let how = match tokio::time::timeout(LAUNCHER_DIED_WAIT, launcher.wait()).await {
         Ok(Ok(status)) => format!(" ({status})"),
         _ => String::new(),
     };
