@@ -428,15 +428,19 @@ mod tests {
         }
     }
 
+    fn laptop_alice() -> Identity {
+        Identity {
+            node_name: "laptop.ts.net".into(),
+            user_login: "alice@example.com".into(),
+            ..Identity::default()
+        }
+    }
+
     #[tokio::test]
     async fn a_job_whose_task_dies_is_still_finished_and_audited() {
         let audit = Arc::new(AuditLog::in_memory());
         let executor = Executor::new(ExecSettings::default(), audit.clone());
-        let caller = Identity {
-            node_name: "laptop.ts.net".into(),
-            user_login: "alice@example.com".into(),
-            ..Identity::default()
-        };
+        let caller = laptop_alice();
         let admitted = executor.jobs().admit(caller.owner(), "t", "c").unwrap();
         let record = AuditRecord::new(
             AuditEvent::Finished,
@@ -471,11 +475,7 @@ mod tests {
     async fn a_job_dropped_while_its_record_is_written_keeps_its_result_and_one_record() {
         let audit = Arc::new(AuditLog::in_memory());
         let executor = Executor::new(ExecSettings::default(), audit.clone());
-        let caller = Identity {
-            node_name: "laptop.ts.net".into(),
-            user_login: "alice@example.com".into(),
-            ..Identity::default()
-        };
+        let caller = laptop_alice();
         let admitted = executor.jobs().admit(caller.owner(), "t", "c").unwrap();
         let outcome = RunOutcome {
             end: RunEnd::Exited(0),
@@ -520,11 +520,7 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        let caller = Identity {
-            node_name: "laptop.ts.net".into(),
-            user_login: "alice@example.com".into(),
-            ..Identity::default()
-        };
+        let caller = laptop_alice();
         let env = child_env(&tool.commands[0], Uuid::nil(), &caller);
         let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
