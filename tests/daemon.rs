@@ -152,10 +152,27 @@ impl Daemon {
     /// `dir` (unless `extra` names its own `--audit-log`). Its stdout and
     /// stderr are read line by line (the login URL goes to stderr).
     fn spawn(dir: &Path, control_url: &str, auth_key: Option<&str>, extra: &[&str]) -> Daemon {
+        Daemon::spawn_with_env(dir, control_url, auth_key, extra, &[])
+    }
+
+    /// [`Daemon::spawn`] with `env` added to its environment. Without a
+    /// `--config` in `extra`, the config file is `/dev/null`.
+    fn spawn_with_env(
+        dir: &Path,
+        control_url: &str,
+        auth_key: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let tools = write_tools(dir);
         let audit = dir.join("audit.jsonl");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tailkitd"));
-        cmd.args(["run", "--hostname", HOST, "--config", "/dev/null"])
+        cmd.args(["run", "--hostname", HOST])
+            .args(if extra.contains(&"--config") {
+                &[][..]
+            } else {
+                &["--config", "/dev/null"][..]
+            })
             .arg("--state-dir")
             .arg(dir.join("daemon-state"))
             .arg("--tools-dir")
@@ -171,6 +188,7 @@ impl Daemon {
             .env_remove("TS_AUTHKEY")
             .env_remove("TS_AUTHKEY_FILE")
             .env("RUST_LOG", "tailkitd=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -211,9 +229,14 @@ impl Daemon {
     /// Grants reach the daemon's netmap within moments: wait until alice's
     /// capability shows in what the daemon lets her run.
     async fn wait_for_grant(&self, alice: &Client) {
+        self.wait_for_grant_on(alice, 80).await;
+    }
+
+    /// [`Daemon::wait_for_grant`] for a daemon serving on `port`.
+    async fn wait_for_grant_on(&self, alice: &Client, port: u16) {
         let deadline = Instant::now() + LONG;
         loop {
-            let r = alice.call(HOST, Call::get(HOST, "/tools")).await.unwrap();
+            let r = call_port(alice, port, Call::get(HOST, "/tools")).await;
             if r.text.contains("\"sleep\"") {
                 return;
             }
@@ -253,6 +276,12 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitSta
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// `call` from `c` to the daemon's `port`.
+async fn call_port(c: &Client, port: u16, call: Call<'_>) -> Response {
+    let stream = c.node.dial(&format!("{HOST}:{port}")).await.unwrap();
+    tailkitd::client::send(stream, call, LONG).await.unwrap()
 }
 
 async fn post(c: &Client, path: &str, body: Value) -> Response {
@@ -326,6 +355,74 @@ async fn client_without_the_capability_gets_403_and_nothing_runs() {
     assert_eq!(denied.len(), 2, "{denied:?}");
     assert_eq!(denied[0]["caller"]["user"], Localnet::user_login("bob"));
     assert!(denied[0]["reason"].as_str().unwrap().contains(CAP));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_environment_beats_the_config_file_which_beats_the_defaults() {
+    let net = Net::start().await;
+    let config = net.dir.path().join("tailkitd.toml");
+    std::fs::write(&config, "port = 8081\nrequire_cap = true\n").unwrap();
+    let daemon = Daemon::spawn_with_env(
+        net.dir.path(),
+        net.localnet.control_url(),
+        net.localnet.auth_key(),
+        &["--config", config.to_str().unwrap()],
+        &[("TAILKITD_PORT", "8082")],
+    );
+    let up = daemon.wait_up().await;
+    assert!(up.contains(" port=8082 "), "the environment lost: {up}");
+    daemon.wait_for_grant_on(&net.alice, 8082).await;
+    // Where no flag and no variable speak, the file does: require_cap.
+    let open = Call::post_json(HOST, "/exec/t/open?wait=10s", &json!({}));
+    let r = call_port(&net.bob, 8082, open).await;
+    assert_eq!(r.status, 403, "the config file lost: {}", r.text);
+    assert!(net.ran().is_empty(), "a refused command ran");
+}
+
+#[test]
+fn run_help_lists_every_setting_with_its_default_and_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tailkitd"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, default, variable) in [
+        ("--hostname", "tailkitd-<os hostname>", "TAILKITD_HOSTNAME"),
+        ("--state-dir", "/var/lib/tailkitd", "TAILKITD_STATE_DIR"),
+        ("--tools-dir", "/etc/tailkitd/tools", "TAILKITD_TOOLS_DIR"),
+        ("--control-url", "Tailscale's", "TAILKITD_CONTROL_URL"),
+        ("--auth-key-file", "none", "TS_AUTHKEY_FILE"),
+        ("--ephemeral", "false", "TAILKITD_EPHEMERAL"),
+        ("--port", "80", "TAILKITD_PORT"),
+        (
+            "--audit-log",
+            "<state dir>/audit.jsonl",
+            "TAILKITD_AUDIT_LOG",
+        ),
+        ("--require-cap", "false", "TAILKITD_REQUIRE_CAP"),
+        ("--max-jobs", "16", "TAILKITD_MAX_JOBS"),
+        ("--log-format", "text", "TAILKITD_LOG_FORMAT"),
+        ("--upload-logs", "false", "TAILKITD_UPLOAD_LOGS"),
+        ("--shutdown-grace", "10s", "TAILKITD_SHUTDOWN_GRACE"),
+        ("--config", "/etc/tailkitd/tailkitd.toml", "TAILKITD_CONFIG"),
+    ] {
+        // clap prints a flag's help after the flag, up to the next flag.
+        let start = help
+            .find(&format!("{flag} "))
+            .or_else(|| help.find(&format!("{flag}[")))
+            .unwrap_or_else(|| panic!("{flag} is not in:\n{help}"));
+        let rest = &help[start + flag.len()..];
+        let entry = &rest[..rest.find("\n      --").unwrap_or(rest.len())];
+        assert!(
+            entry.contains(&format!("[default: {default}")),
+            "{flag} does not show its default {default:?}:\n{entry}"
+        );
+        assert!(
+            entry.contains(variable),
+            "{flag} does not name {variable}:\n{entry}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -349,6 +349,48 @@ async fn exec_checks_come_in_spec_order() {
 }
 
 #[tokio::test]
+async fn every_argument_rule_is_a_400_that_names_the_argument_and_starts_nothing() {
+    let f = fixture();
+    let typed = r#"{"name": "typed", "commands": [{"name": "c", "exec_parts": ["echo", "{{.n}}", "{{.b}}", "{{.s}}"],
+        "args": [{"name": "n", "type": "int", "required": true},
+                 {"name": "b", "type": "bool", "default": "false"},
+                 {"name": "s", "type": "string", "pattern": "^\\d+$", "default": "0"}]}]}"#;
+    std::fs::write(f._dir.path().join("typed.json"), typed).unwrap();
+    f.api.inner.registry.reload();
+    let cases = [
+        (json!({}), "\"n\""),
+        (json!({"n": "five"}), "\"n\""),
+        (json!({"n": true}), "\"n\""),
+        (json!({"n": 1.5}), "\"n\""),
+        (json!({"n": 1, "b": "yes"}), "\"b\""),
+        (json!({"n": 1, "s": 7}), "\"s\""),
+        (json!({"n": 1, "s": "1".repeat(4097)}), "\"s\""),
+        (json!({"n": 1, "s": "12\n3"}), "\"s\""),
+        (json!({"n": 1, "s": "-1"}), "\"s\""),
+        (json!({"n": 1, "s": "\u{0661}"}), "\"s\""),
+        (json!({"n": 1, "x": 1}), "\"x\""),
+    ];
+    for (body, needle) in &cases {
+        let (s, v) = call(&f, "POST", "/exec/typed/c", &body.to_string(), alice(&[])).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        let error = v["error"].as_str().unwrap();
+        assert!(error.contains(needle), "{body}: {v}");
+    }
+    assert!(
+        f.api.executor().jobs().is_empty(),
+        "a refused request was accepted"
+    );
+    assert_eq!(denials(&f).len(), cases.len());
+    let good = json!({"n": 1, "b": true, "s": "42"}).to_string();
+    let (s, v) = call(&f, "POST", "/exec/typed/c", &good, alice(&[])).await;
+    assert_eq!(
+        s,
+        StatusCode::ACCEPTED,
+        "the rules refuse a good request: {v}"
+    );
+}
+
+#[tokio::test]
 async fn a_caller_without_the_capability_gets_403_before_413() {
     let f = fixture();
     let big = "x".repeat(64 * 1024 + 1);
