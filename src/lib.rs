@@ -4,8 +4,8 @@
 //!
 //! # Layout
 //!
-//! - [`tailnet`]: the tsnet node over our own Go bridge (the only module with
-//!   `unsafe`): listen, dial, WhoIs, and the embedded local tailnet.
+//! - [`tailnet`]: the tsnet node over our own Go bridge (the only module allowed
+//!   FFI calls into C): listen, dial, WhoIs, and the embedded local tailnet.
 //! - [`exec`]: tool files, the live-reloading registry, the process runner and
 //!   the job store. Knows nothing of HTTP or the tailnet.
 //! - [`api`]: the HTTP routes, transport-agnostic: takes a resolved caller

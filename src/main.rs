@@ -1,5 +1,6 @@
 //! The `tailkitd` command line: parse, pick the subcommand, map errors to
 //! exit codes. Everything else lives in the library.
+#![deny(unsafe_code)]
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};

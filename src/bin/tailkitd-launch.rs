@@ -4,6 +4,7 @@
 //! in every process that loads it; a per-job supervisor must stay small and
 //! single-threaded. It compiles the launcher module on its own, without the
 //! library, so that nothing links the Go archive in.
+#![deny(unsafe_code)]
 
 // The daemon's half of the status protocol is unused here.
 #[allow(dead_code)]

@@ -2,7 +2,8 @@
 //! itself (`tailkitd-launch DAEMON_PID PROGRAM ARGV0 ARGS...`), so that no
 //! descendant of a command outlives its job or the daemon (even a daemon
 //! killed with SIGKILL, even a descendant that left the command's process
-//! group with `setsid`), without any `unsafe` `pre_exec` hook.
+//! group with `setsid`), without a `pre_exec` hook (which Rust marks as
+//! not memory-safe).
 //!
 //! It is its own small executable, installed next to `tailkitd`
 //! ([`LAUNCHER_NAME`]), not a subcommand of `tailkitd`: the `tailkitd`
