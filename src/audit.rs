@@ -8,8 +8,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::SystemTime;
@@ -150,18 +150,23 @@ enum Sink {
 /// How long a caller waits for its record to be written before it gives up
 /// (and, for an acceptance, refuses the job).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Records queued for the writer at most; past that, callers are refused at
-/// once rather than piling up behind a stalled sink.
+/// Orders queued for the writer at most before acceptances, denials and
+/// reopens are refused at once rather than piling up behind a stalled sink.
+/// `exec.finished` records are always queued: there is one per accepted
+/// job, so they are bounded by the job limit already, and each must be
+/// written.
 const QUEUE: usize = 256;
 
 /// Tells a waiting caller how its order went.
 type Reply = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 enum Order {
-    /// Append `line`, unless the caller gave up waiting (`abandoned`).
+    /// Append `line`, unless its caller gave up waiting and set
+    /// `abandoned` (only acceptances carry one; every other record is
+    /// written however late).
     Write {
         line: String,
-        abandoned: Arc<AtomicBool>,
+        abandoned: Option<Arc<AtomicBool>>,
         reply: Reply,
     },
     /// Reopen the file.
@@ -177,7 +182,9 @@ pub struct AuditLog {
     target: Target,
     /// The writer thread's queue (`None` for the in-memory log, which
     /// cannot stall and is written in place).
-    orders: Option<SyncSender<Order>>,
+    orders: Option<Sender<Order>>,
+    /// Orders sent and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
     memory: Option<Arc<Mutex<Vec<String>>>>,
     write_timeout: Duration,
 }
@@ -207,6 +214,7 @@ impl AuditLog {
         AuditLog {
             target: Target::Memory,
             orders: None,
+            queued: Arc::default(),
             memory: Some(Arc::new(Mutex::new(Vec::new()))),
             write_timeout: WRITE_TIMEOUT,
         }
@@ -219,17 +227,20 @@ impl AuditLog {
     }
 
     fn start(target: Target, sink: Sink) -> io::Result<Self> {
-        let (orders, queue) = std::sync::mpsc::sync_channel(QUEUE);
+        let (orders, queue) = std::sync::mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let path = match &target {
             Target::File(p) => Some(p.clone()),
             _ => None,
         };
+        let taken = queued.clone();
         std::thread::Builder::new()
             .name("tailkitd-audit".into())
-            .spawn(move || write_orders(sink, path, queue))?;
+            .spawn(move || write_orders(sink, path, queue, &taken))?;
         Ok(AuditLog {
             target,
             orders: Some(orders),
+            queued,
             memory: None,
             write_timeout: WRITE_TIMEOUT,
         })
@@ -264,7 +275,7 @@ impl AuditLog {
             return Ok(());
         }
         let (reply, answer) = async_reply();
-        self.send(Order::Reopen { reply })?;
+        self.send(Order::Reopen { reply }, true)?;
         self.wait(answer, None).await
     }
 
@@ -275,26 +286,30 @@ impl AuditLog {
     /// # Errors
     ///
     /// When the line cannot be written completely (disk full, file gone
-    /// read-only, ...), too many records are already waiting, or the write
-    /// takes longer than [`WRITE_TIMEOUT`] (it is then not made, unless it
-    /// had already begun). The caller decides what a lost record means: for
-    /// an acceptance it means the job must not start.
+    /// read-only, ...), too many records are already waiting (never for an
+    /// `exec.finished`), or the write takes longer than [`WRITE_TIMEOUT`].
+    /// A late acceptance is then not written (unless its write had already
+    /// begun): the caller refuses the job. Any other late record is still
+    /// written when the sink moves again.
     pub fn record(&self, record: &AuditRecord) -> io::Result<()> {
         let line = to_line(record)?;
         if let Some(lines) = &self.memory {
             return write_line(&mut Sink::Memory(lines.clone()), line);
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let abandoned = Arc::new(AtomicBool::new(false));
-        self.send(Order::Write {
+        let abandoned = abandonable(record);
+        self.write(
+            record,
             line,
-            abandoned: abandoned.clone(),
-            reply: Box::new(move |result| {
+            abandoned.clone(),
+            Box::new(move |result| {
                 let _ = tx.send(result);
             }),
-        })?;
+        )?;
         rx.recv_timeout(self.write_timeout).unwrap_or_else(|_| {
-            abandoned.store(true, Ordering::SeqCst);
+            if let Some(flag) = abandoned {
+                flag.store(true, Ordering::SeqCst);
+            }
             Err(timed_out())
         })
     }
@@ -309,14 +324,10 @@ impl AuditLog {
         if let Some(lines) = &self.memory {
             return write_line(&mut Sink::Memory(lines.clone()), line);
         }
-        let abandoned = Arc::new(AtomicBool::new(false));
+        let abandoned = abandonable(record);
         let (reply, answer) = async_reply();
-        self.send(Order::Write {
-            line,
-            abandoned: abandoned.clone(),
-            reply,
-        })?;
-        self.wait(answer, Some(&abandoned)).await
+        self.write(record, line, abandoned.clone(), reply)?;
+        self.wait(answer, abandoned.as_deref()).await
     }
 
     /// Waits for the writer's answer, at most the write timeout; a caller
@@ -338,18 +349,48 @@ impl AuditLog {
         }
     }
 
-    fn send(&self, order: Order) -> io::Result<()> {
+    /// Queues `line`, the text of `record`: bounded by [`QUEUE`] unless it
+    /// is an `exec.finished`.
+    fn write(
+        &self,
+        record: &AuditRecord,
+        line: String,
+        abandoned: Option<Arc<AtomicBool>>,
+        reply: Reply,
+    ) -> io::Result<()> {
+        let order = Order::Write {
+            line,
+            abandoned,
+            reply,
+        };
+        self.send(order, record.event != AuditEvent::Finished)
+    }
+
+    /// Queues `order`; a `bounded` one is refused once [`QUEUE`] orders
+    /// wait.
+    fn send(&self, order: Order, bounded: bool) -> io::Result<()> {
         let Some(orders) = &self.orders else {
             return Err(writer_gone());
         };
-        orders.try_send(order).map_err(|e| match e {
-            TrySendError::Full(_) => io::Error::new(
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= QUEUE && bounded {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 "the audit log is not keeping up: too many records are waiting",
-            ),
-            TrySendError::Disconnected(_) => writer_gone(),
+            ));
+        }
+        orders.send(order).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            writer_gone()
         })
     }
+}
+
+/// The flag a caller sets when it gives up waiting for its record, for an
+/// acceptance only: its job is then refused, so the record must not appear
+/// afterwards.
+fn abandonable(record: &AuditRecord) -> Option<Arc<AtomicBool>> {
+    (record.event == AuditEvent::Accepted).then(|| Arc::new(AtomicBool::new(false)))
 }
 
 fn async_reply() -> (Reply, tokio::sync::oneshot::Receiver<io::Result<()>>) {
@@ -374,8 +415,14 @@ fn timed_out() -> io::Error {
 }
 
 /// The writer thread: carries out orders until every sender is gone.
-fn write_orders(mut sink: Sink, path: Option<PathBuf>, queue: Receiver<Order>) {
+fn write_orders(
+    mut sink: Sink,
+    path: Option<PathBuf>,
+    queue: Receiver<Order>,
+    queued: &AtomicUsize,
+) {
     for order in queue {
+        queued.fetch_sub(1, Ordering::SeqCst);
         match order {
             Order::Write {
                 line,
@@ -385,7 +432,7 @@ fn write_orders(mut sink: Sink, path: Option<PathBuf>, queue: Receiver<Order>) {
                 // A caller that gave up has answered its client already
                 // (for an acceptance: the job was refused); its record
                 // must not appear after the fact.
-                let result = if abandoned.load(Ordering::SeqCst) {
+                let result = if abandoned.is_some_and(|a| a.load(Ordering::SeqCst)) {
                     Err(timed_out())
                 } else {
                     write_line(&mut sink, line)
@@ -569,6 +616,89 @@ mod tests {
                 io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
             ),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn late_records_other_than_acceptances_are_still_written() {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let log = AuditLog::open(&fifo)
+            .unwrap()
+            .with_write_timeout(Duration::from_millis(200));
+        let record = |event, tool: &str| AuditRecord::new(event, caller(), tool, "c");
+        // Fill the pipe until the writer stalls on a record.
+        let filler = record(AuditEvent::Accepted, "filler");
+        for _ in 0..5000 {
+            if log.record_async(&filler).await.is_err() {
+                break;
+            }
+        }
+        // Queued behind the stalled write, all three time out; then fill
+        // the queue, which refuses denials but never a finished record.
+        let late = [
+            record(AuditEvent::Accepted, "late-accepted"),
+            record(AuditEvent::Denied, "late-denied"),
+            record(AuditEvent::Finished, "late-finished"),
+        ];
+        for r in &late {
+            let err = log.record_async(r).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        }
+        for _ in 0..QUEUE {
+            let _ = log.send(
+                Order::Reopen {
+                    reply: Box::new(|_| {}),
+                },
+                false,
+            );
+        }
+        let full = log
+            .record_async(&record(AuditEvent::Denied, "refused"))
+            .await
+            .unwrap_err();
+        assert_eq!(full.kind(), io::ErrorKind::WouldBlock, "{full}");
+        let err = log
+            .record_async(&record(AuditEvent::Finished, "queued-finished"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+
+        // The sink moves again: read everything.
+        let mut text = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&text).contains("queued-finished") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the late records never came"
+            );
+            let mut chunk = [0u8; 65536];
+            match reader.read(&mut chunk) {
+                Ok(n) => text.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.contains("late-denied"), "a late denial was dropped");
+        assert!(text.contains("late-finished"), "a late finish was dropped");
+        assert!(
+            !text.contains("late-accepted"),
+            "a refused job's acceptance was written"
+        );
+        assert!(
+            !text.contains("\"refused\""),
+            "a refused record was written"
         );
     }
 
