@@ -413,6 +413,58 @@ async fn a_command_that_cannot_start_never_runs() {
     assert_eq!(outcome.started_at, None);
 }
 
+#[tokio::test]
+async fn an_incomplete_sweep_ends_the_job_and_the_daemon_kills_the_group() {
+    // A stand-in launcher that starts the "program" (a sleep leading its
+    // own process group), then reports a sweep it could not finish and
+    // exits, as the real one does when a fork storm outruns it.
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = dir.path().join("launcher");
+    std::fs::write(
+        &launcher,
+        r#"#!/bin/sh
+setsid sleep 1000 </dev/null >/dev/null 2>&1 &
+echo $! > "${0%/*}/pid"
+echo "started $!" >&0
+echo "error sweep incomplete: 1 processes left after 2s" >&0
+exit 1
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &launcher,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let runner = Runner::new(tailkitd::exec::RunnerSettings {
+        launcher,
+        ..settings().runner_settings()
+    });
+    let (_cancel, cancelled) = tokio::sync::watch::channel(None);
+    let outcome = runner
+        .run(
+            RunSpec {
+                argv: vec!["/bin/true".into()],
+                env: vec![],
+                workdir: None,
+                timeout: LONG,
+                max_output_bytes: 1024,
+            },
+            cancelled,
+            |_| {},
+        )
+        .await;
+    let pid = pids(&std::fs::read_to_string(dir.path().join("pid")).unwrap())[0];
+    let _cleanup = KillOnDrop(vec![pid]);
+    assert!(
+        matches!(&outcome.end, RunEnd::Error(e) if e.contains("sweep incomplete") && !e.contains("could not start")),
+        "{:?}",
+        outcome.end
+    );
+    assert!(outcome.started_at.is_some());
+    eventually(LONG, "the group to be killed", || process_gone(pid)).await;
+}
+
 // ---------------------------------------------------------------------------
 // killing
 

@@ -493,6 +493,7 @@ impl Runner {
         let mut group = None;
         let mut cancelled = None;
         let mut stage = Stage::Running;
+        let mut launcher_error = None;
         let timeout = tokio::time::sleep(spec.timeout);
         let grace = tokio::time::sleep(Duration::ZERO);
         let exit_limit = tokio::time::sleep(Duration::ZERO);
@@ -517,10 +518,17 @@ impl Runner {
                                 program.display()
                             ));
                         }
-                        Some(Status::Error(message)) => {
+                        Some(Status::Error(message)) if group.is_none() => {
                             break RunEnd::Error(format!(
                                 "could not start: {LAUNCHER_NAME}: {message}"
                             ));
+                        }
+                        Some(Status::Error(message)) => {
+                            // After the start, only an incomplete sweep
+                            // (the program itself may be stuck, in D
+                            // state); the launcher's exit follows.
+                            sweep_incomplete(group, &message);
+                            launcher_error = Some(message);
                         }
                         None => tracing::warn!(line, "unexpected status line from the launcher"),
                     },
@@ -534,7 +542,10 @@ impl Runner {
                                 "the launcher is gone; killed the command's process group"
                             );
                         }
-                        break RunEnd::Error(launcher_died(&mut launcher).await);
+                        break RunEnd::Error(match launcher_error.take() {
+                            Some(message) => format!("{LAUNCHER_NAME}: {message}"),
+                            None => launcher_died(&mut launcher).await,
+                        });
                     }
                 },
                 () = &mut timeout, if stage == Stage::Running => {
@@ -595,8 +606,7 @@ impl Runner {
         let late = async {
             while let Ok(Some(line)) = statuses.next_line().await {
                 if let Some(Status::Error(message)) = Status::parse(&line) {
-                    let killed = group.is_some_and(|g| g.kill());
-                    tracing::warn!(message, killed, "the launcher could not kill everything");
+                    sweep_incomplete(group, &message);
                 }
             }
         };
@@ -640,6 +650,13 @@ async fn launcher_died(launcher: &mut tokio::process::Child) -> String {
         _ => String::new(),
     };
     format!("the launcher ({LAUNCHER_NAME}) died before reporting how the command ended{how}")
+}
+
+/// The launcher gave up its sweep (`message` says what is left): one more
+/// SIGKILL of the command's process group, from the daemon.
+fn sweep_incomplete(group: Option<ProgramGroup>, message: &str) {
+    let killed = group.is_some_and(|g| g.kill());
+    tracing::warn!(message, killed, "the launcher could not kill everything");
 }
 
 /// The fallback when the launcher does not exit after `kill`: SIGKILL to
