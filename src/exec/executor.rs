@@ -256,7 +256,7 @@ impl RunningJob {
             .runner
             .run(spec, cancel, |at| store.set_running(self.id, at))
             .await;
-        let (result, record) = self.conclude(&outcome);
+        let (result, record) = self.conclude(outcome);
         self.pending = Some(result);
         if let Err(e) = self.inner.audit.record_async(&record).await {
             self.log_lost_record(&e);
@@ -267,7 +267,8 @@ impl RunningJob {
     }
 
     /// The job result and its `exec.finished` record for `outcome`.
-    fn conclude(&self, outcome: &RunOutcome) -> (JobResult, AuditRecord) {
+    fn conclude(&self, outcome: RunOutcome) -> (JobResult, AuditRecord) {
+        let (stdout_bytes, stderr_bytes) = (outcome.stdout.total, outcome.stderr.total);
         let result = job_result(self.id, &self.tool, &self.command, outcome);
         let mut record = self.record.clone();
         record.ts = rfc3339(SystemTime::now());
@@ -276,8 +277,8 @@ impl RunningJob {
         record.signal = result.signal.clone();
         record.error = result.error.clone();
         record.duration_ms = Some(result.duration_ms);
-        record.stdout_bytes = Some(outcome.stdout.total);
-        record.stderr_bytes = Some(outcome.stderr.total);
+        record.stdout_bytes = Some(stdout_bytes);
+        record.stderr_bytes = Some(stderr_bytes);
         (result, record)
     }
 
@@ -318,7 +319,7 @@ impl Drop for RunningJob {
                 finished_at: SystemTime::now(),
                 duration: Duration::ZERO,
             };
-            let (result, record) = self.conclude(&outcome);
+            let (result, record) = self.conclude(outcome);
             // No await in Drop: this rare path writes on the spot.
             if let Err(e) = self.inner.audit.record(&record) {
                 self.log_lost_record(&e);
@@ -329,7 +330,7 @@ impl Drop for RunningJob {
 }
 
 /// The job result for a run, with SPEC §3's exit-code and error rules.
-pub fn job_result(id: Uuid, tool: &str, command: &str, outcome: &RunOutcome) -> JobResult {
+pub fn job_result(id: Uuid, tool: &str, command: &str, outcome: RunOutcome) -> JobResult {
     let signal = outcome.signal_name();
     let (status, exit_code, error) = match (&outcome.cancelled, &outcome.end) {
         (Some(reason), _) => (JobStatus::Cancelled, -1, Some(reason.message())),
@@ -353,8 +354,8 @@ pub fn job_result(id: Uuid, tool: &str, command: &str, outcome: &RunOutcome) -> 
         job_id: id.to_string(),
         status,
         exit_code,
-        stdout: String::from_utf8_lossy(&outcome.stdout.data).into_owned(),
-        stderr: String::from_utf8_lossy(&outcome.stderr.data).into_owned(),
+        stdout: into_text(outcome.stdout.data),
+        stderr: into_text(outcome.stderr.data),
         duration_ms: outcome.duration.as_millis() as u64,
         error,
         tool: tool.to_string(),
@@ -365,6 +366,13 @@ pub fn job_result(id: Uuid, tool: &str, command: &str, outcome: &RunOutcome) -> 
         finished_at: Some(rfc3339(outcome.finished_at)),
         signal,
     }
+}
+
+/// `data` as text, without a copy unless it is not valid UTF-8 (then each
+/// bad sequence becomes U+FFFD).
+fn into_text(data: Vec<u8>) -> String {
+    String::from_utf8(data)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 #[cfg(test)]
@@ -391,7 +399,7 @@ mod tests {
     #[test]
     fn exit_code_and_error_follow_the_spec() {
         let id = Uuid::nil();
-        let r = job_result(id, "t", "c", &outcome(RunEnd::Exited(0), None));
+        let r = job_result(id, "t", "c", outcome(RunEnd::Exited(0), None));
         assert_eq!(
             (r.status, r.exit_code, r.error.as_deref()),
             (JobStatus::Completed, 0, None)
@@ -401,11 +409,11 @@ mod tests {
         assert_eq!(r.duration_ms, 1500);
         assert_eq!(r.finished_at.as_deref(), Some("1970-01-01T00:00:00.000Z"));
 
-        let r = job_result(id, "t", "c", &outcome(RunEnd::Exited(3), None));
+        let r = job_result(id, "t", "c", outcome(RunEnd::Exited(3), None));
         assert_eq!((r.status, r.exit_code), (JobStatus::Failed, 3));
         assert_eq!(r.error.as_deref(), Some("exit status 3"));
 
-        let r = job_result(id, "t", "c", &outcome(RunEnd::Signaled(9), None));
+        let r = job_result(id, "t", "c", outcome(RunEnd::Signaled(9), None));
         assert_eq!((r.status, r.exit_code), (JobStatus::Failed, -1));
         assert_eq!(r.signal.as_deref(), Some("SIGKILL"));
 
@@ -413,7 +421,7 @@ mod tests {
             id,
             "t",
             "c",
-            &outcome(RunEnd::Error("could not start: x".into()), None),
+            outcome(RunEnd::Error("could not start: x".into()), None),
         );
         assert_eq!((r.status, r.exit_code), (JobStatus::Failed, -1));
         assert_eq!(r.error.as_deref(), Some("could not start: x"));
@@ -426,7 +434,7 @@ mod tests {
             (CancelReason::Caller, "cancelled by the caller"),
             (CancelReason::Shutdown, "shutting down"),
         ] {
-            let r = job_result(id, "t", "c", &outcome(RunEnd::Signaled(15), Some(reason)));
+            let r = job_result(id, "t", "c", outcome(RunEnd::Signaled(15), Some(reason)));
             assert_eq!((r.status, r.exit_code), (JobStatus::Cancelled, -1));
             assert!(r.error.as_deref().unwrap().contains(text), "{:?}", r.error);
             assert_eq!(r.signal.as_deref(), Some("SIGTERM"));
@@ -508,7 +516,7 @@ mod tests {
         };
         // As `run` leaves it while awaiting the write of exec.finished (which
         // the writer makes on its own): the result is pending.
-        let (result, _record) = job.conclude(&outcome);
+        let (result, _record) = job.conclude(outcome);
         job.pending = Some(result);
         drop(job);
         let result = executor.jobs().get(admitted.id, &caller).unwrap();

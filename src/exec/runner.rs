@@ -1089,7 +1089,7 @@ mod tests {
             duration: Duration::ZERO,
         };
         assert_eq!(outcome.signal_name().as_deref(), Some("SIGRTMIN+1"));
-        let result = crate::exec::executor::job_result(uuid::Uuid::nil(), "t", "c", &outcome);
+        let result = crate::exec::executor::job_result(uuid::Uuid::nil(), "t", "c", outcome);
         assert_eq!(result.error.as_deref(), Some("killed by signal SIGRTMIN+1"));
     }
 
