@@ -23,7 +23,8 @@ const HOST: &str = "tkd";
 const LONG: Duration = Duration::from_secs(90);
 
 /// The tools every test daemon serves. `MARKER` becomes a file path that a
-/// command appends to, so a test can tell whether anything ran.
+/// command appends to, so a test can tell whether anything ran; `AUDIT`
+/// the default audit log's path.
 const TOOLS: &str = r#"{
   "name": "t",
   "version": "1.0.0",
@@ -40,7 +41,9 @@ const TOOLS: &str = r#"{
      "timeout": "5m",
      "args": [{"name": "secs", "type": "int", "required": true}]},
     {"name": "true", "description": "", "acl_cap": "example.com/cap/x",
-     "exec_parts": ["/bin/true"], "timeout": "10s"}
+     "exec_parts": ["/bin/true"], "timeout": "10s"},
+    {"name": "audited", "description": "its own audit lines", "acl_cap": "example.com/cap/x",
+     "exec_parts": ["/bin/sh", "-c", "grep -c \"$TAILKIT_JOB_ID\" AUDIT"], "timeout": "10s"}
   ]
 }"#;
 
@@ -99,7 +102,10 @@ fn write_tools(dir: &Path) -> PathBuf {
     let tools = dir.join("tools");
     std::fs::create_dir_all(&tools).unwrap();
     let marker = dir.join("marker");
-    let text = TOOLS.replace("MARKER", marker.to_str().unwrap());
+    let audit = dir.join("audit.jsonl");
+    let text = TOOLS
+        .replace("MARKER", marker.to_str().unwrap())
+        .replace("AUDIT", audit.to_str().unwrap());
     std::fs::write(tools.join("t.json"), text).unwrap();
     tools
 }
@@ -300,7 +306,7 @@ async fn capable_client_runs_a_command_and_polls_the_result() {
     let daemon = net.daemon(&[]).await;
     let up = daemon.wait_up().await;
     assert!(up.contains(&format!("name={HOST}.")), "{up}");
-    assert!(up.contains("port=80 tools=1 commands=4"), "{up}");
+    assert!(up.contains("port=80 tools=1 commands=5"), "{up}");
 
     let r = post(&net.alice, "/exec/t/echo", json!({"msg": "hello tailnet"})).await;
     assert_eq!(r.status, 202, "{}", r.text);
@@ -499,6 +505,12 @@ async fn every_accepted_job_is_audited_accepted_then_finished() {
     assert_eq!(r.status, 403, "{}", r.text);
     let r = post(&net.alice, "/exec/t/nope", json!({})).await;
     assert_eq!(r.status, 404, "{}", r.text);
+    // The command counts its job's lines in the audit file: the acceptance
+    // is there before the process starts, the finish not yet.
+    let r = post(&net.alice, "/exec/t/audited?wait=10s", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["stdout"], "1\n", "{}", r.text);
+    ids.push(r.json["job_id"].as_str().unwrap().to_string());
     assert!(daemon.terminate().success());
 
     let lines = daemon.audit_lines();

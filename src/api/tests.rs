@@ -351,24 +351,39 @@ async fn exec_checks_come_in_spec_order() {
 #[tokio::test]
 async fn every_argument_rule_is_a_400_that_names_the_argument_and_starts_nothing() {
     let f = fixture();
-    let typed = r#"{"name": "typed", "commands": [{"name": "c", "exec_parts": ["echo", "{{.n}}", "{{.b}}", "{{.s}}"],
+    let typed = r#"{"name": "typed", "commands": [{"name": "c", "exec_parts": ["echo", "{{.n}}", "{{.b}}", "{{.s}}", "{{.f}}"],
         "args": [{"name": "n", "type": "int", "required": true},
                  {"name": "b", "type": "bool", "default": "false"},
-                 {"name": "s", "type": "string", "pattern": "^\\d+$", "default": "0"}]}]}"#;
+                 {"name": "s", "type": "string", "pattern": "^\\d+$", "default": "0"},
+                 {"name": "f", "type": "string", "default": "x"}]}]}"#;
     std::fs::write(f._dir.path().join("typed.json"), typed).unwrap();
     f.api.inner.registry.reload();
+    // Each case: the body, and the words of the rule it breaks. `f` has
+    // no pattern, so its refusals come from the rule itself.
     let cases = [
-        (json!({}), "\"n\""),
-        (json!({"n": "five"}), "\"n\""),
-        (json!({"n": true}), "\"n\""),
-        (json!({"n": 1.5}), "\"n\""),
-        (json!({"n": 1, "b": "yes"}), "\"b\""),
-        (json!({"n": 1, "s": 7}), "\"s\""),
-        (json!({"n": 1, "s": "1".repeat(4097)}), "\"s\""),
-        (json!({"n": 1, "s": "12\n3"}), "\"s\""),
-        (json!({"n": 1, "s": "-1"}), "\"s\""),
-        (json!({"n": 1, "s": "\u{0661}"}), "\"s\""),
-        (json!({"n": 1, "x": 1}), "\"x\""),
+        (json!({}), "missing argument \"n\""),
+        (json!({"n": "five"}), "argument \"n\" must be an integer"),
+        (json!({"n": true}), "argument \"n\" must be an integer"),
+        (json!({"n": 1.5}), "argument \"n\" must be an integer"),
+        (
+            json!({"n": 1, "b": "yes"}),
+            "argument \"b\" must be true or false",
+        ),
+        (json!({"n": 1, "s": 7}), "argument \"s\" must be a string"),
+        (
+            json!({"n": 1, "f": "1".repeat(4097)}),
+            "argument \"f\" is longer than",
+        ),
+        (
+            json!({"n": 1, "f": "12\n3"}),
+            "argument \"f\" contains a control character",
+        ),
+        (json!({"n": 1, "f": "-1"}), "argument \"f\" starts with '-'"),
+        (
+            json!({"n": 1, "s": "\u{0661}"}),
+            "argument \"s\" does not match",
+        ),
+        (json!({"n": 1, "x": 1}), "unknown argument \"x\""),
     ];
     for (body, needle) in &cases {
         let (s, v) = call(&f, "POST", "/exec/typed/c", &body.to_string(), alice(&[])).await;

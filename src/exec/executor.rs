@@ -371,8 +371,7 @@ pub fn job_result(id: Uuid, tool: &str, command: &str, outcome: RunOutcome) -> J
 /// `data` as text, without a copy unless it is not valid UTF-8 (then each
 /// bad sequence becomes U+FFFD).
 fn into_text(data: Vec<u8>) -> String {
-    String::from_utf8(data)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 #[cfg(test)]
