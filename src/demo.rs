@@ -279,6 +279,14 @@ impl Daemon {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        // The demo's daemon is set up by the flags above alone: settings the
+        // user exported for a real daemon (a port, an auth key, ...) stay out.
+        for (name, _) in std::env::vars_os() {
+            let name_text = name.to_string_lossy();
+            if name_text.starts_with("TAILKITD_") || name_text.starts_with("TS_AUTHKEY") {
+                cmd.env_remove(&name);
+            }
+        }
         if let Some(key) = localnet.auth_key() {
             cmd.env("TS_AUTHKEY", key);
         }

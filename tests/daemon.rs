@@ -975,6 +975,9 @@ async fn localnet_command_lets_curl_call_the_daemon() {
 fn demo_runs_end_to_end_and_exits_0() {
     let out = Command::new(env!("CARGO_BIN_EXE_tailkitd"))
         .arg("demo")
+        // Settings exported for a real daemon must not reach the demo's.
+        .env("TAILKITD_PORT", "8080")
+        .env("TAILKITD_REQUIRE_CAP", "true")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
