@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -128,6 +129,8 @@ pub struct Registry {
     /// from SIGHUP and from the watcher thread never store an older scan
     /// over a newer one. Readers never take it.
     reloading: Mutex<()>,
+    /// Rebuilds since the first load.
+    rebuilds: AtomicU64,
 }
 
 impl Registry {
@@ -148,7 +151,13 @@ impl Registry {
             limits,
             index: ArcSwap::from_pointee(index),
             reloading: Mutex::new(()),
+            rebuilds: AtomicU64::new(0),
         }
+    }
+
+    /// How many times the index was rebuilt since the first load.
+    pub fn rebuilds(&self) -> u64 {
+        self.rebuilds.load(Ordering::Relaxed)
     }
 
     /// The current index; it never changes (a reload makes a new one).
@@ -210,6 +219,7 @@ impl Registry {
             }
         };
         let new = Index::from_loaded(load_dir(&self.dir, &self.limits));
+        self.rebuilds.fetch_add(1, Ordering::Relaxed);
         after_scan();
         let old = self.index.load();
         let (before, after) = (old.commands(), new.commands());
@@ -257,10 +267,13 @@ impl Registry {
         };
         let (tx, rx) = mpsc::channel::<WatchMessage>();
         let events = tx.clone();
+        let dir = self.dir.clone();
         let mut watcher =
-            notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 // Errors (such as a queue overflow) rebuild too.
-                let _ = events.send(WatchMessage::Changed);
+                if event.is_err() || event.is_ok_and(|e| concerns(&dir, &e)) {
+                    let _ = events.send(WatchMessage::Changed);
+                }
             })
             .map_err(watch_error)?;
         let mut watched_ancestor = None;
@@ -353,6 +366,32 @@ fn update_watches(watcher: &mut impl Watcher, dir: &Path, watched_ancestor: &mut
     }
 }
 
+/// Whether `event` (from the tools directory or from the ancestor watched
+/// beside it) may change what the directory holds. Not a read: opening and
+/// reading files (a rebuild's own scan among them) changes nothing, and
+/// would otherwise set off the next rebuild, forever. Of the rest: anything
+/// inside it;
+/// anything on the way to it (the directory, or a symlink to it, created,
+/// replaced or removed); a name starting with `..`, as the Kubernetes
+/// atomic writer uses beside a projected file (`..data`, `..2026_...`);
+/// and events that name no path (a rescan). Other files beside the
+/// directory are not its business.
+fn concerns(dir: &Path, event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
+    {
+        return false;
+    }
+    event.paths.is_empty()
+        || event.need_rescan()
+        || event.paths.iter().any(|p| {
+            p.starts_with(dir)
+                || dir.starts_with(p)
+                || p.file_name()
+                    .is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
+        })
+}
+
 fn log_problems(index: &Index) {
     for p in index.problems() {
         tracing::warn!(file = %p.file.display(), field = %p.field, "tool file rejected: {}", p.message);
@@ -398,6 +437,58 @@ mod tests {
         );
         assert!(registry.lookup("a", "two").is_none());
         assert!(registry.reload().is_empty(), "nothing changed since");
+    }
+
+    /// Polls `condition` every 10 ms for up to 10 s.
+    fn wait_for(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn the_watcher_rebuilds_for_the_directory_only_and_once_per_burst() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("tools");
+        std::fs::create_dir(&dir).unwrap();
+        write(&dir, "a", &[("one", "true")]);
+        let registry = Arc::new(Registry::load(&dir, ToolLimits::default()));
+        let _watch = registry.spawn_watcher().unwrap();
+        wait_for("the first rebuild", || registry.rebuilds() >= 1);
+        std::thread::sleep(DEBOUNCE * 3);
+        let settled = registry.rebuilds();
+        // A rebuild's own scan (it opens and reads every file) sets off no
+        // other.
+        std::thread::sleep(DEBOUNCE * 5);
+        assert_eq!(registry.rebuilds(), settled, "rebuilt with nothing changed");
+
+        // Files beside the directory (an audit log, a state dir) are not
+        // its business.
+        for i in 0..20 {
+            std::fs::write(parent.path().join(format!("audit-{i}.jsonl")), "x").unwrap();
+        }
+        std::thread::sleep(DEBOUNCE * 5);
+        assert_eq!(
+            registry.rebuilds(),
+            settled,
+            "rebuilt for files beside the directory"
+        );
+
+        // A burst of writes in the directory: one rebuild, or a few.
+        for i in 0..20 {
+            write(&dir, "b", &[(&format!("c{i}"), "true")]);
+        }
+        wait_for("the burst to land", || {
+            registry.lookup("b", "c19").is_some()
+        });
+        std::thread::sleep(DEBOUNCE * 3);
+        let burst = registry.rebuilds() - settled;
+        assert!(
+            (1..10).contains(&burst),
+            "{burst} rebuilds for one burst of 20 writes"
+        );
     }
 
     #[test]
