@@ -422,16 +422,24 @@ fn child_fds() -> Vec<(u32, String)> {
         .collect()
 }
 
-/// Whether our parent process has the open file `target` (a `readlink` of
-/// /proc/PID/fd/N, e.g. `pipe:[1234]`): then we inherited it, the bridge did
-/// not create it.
-fn open_in_parent(target: &str) -> bool {
-    let ppid = std::os::unix::process::parent_id();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{ppid}/fd")) else {
-        return false;
-    };
-    dir.flatten()
-        .any(|entry| std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy() == target))
+/// This process's fds that a child would inherit (no close-on-exec, as
+/// /proc/self/fdinfo shows), as (fd, link target): before anything of the
+/// bridge starts, these can only come from whoever started this process
+/// (cargo's jobserver pipes, a shell's fds).
+fn inheritable_fds() -> Vec<(u32, String)> {
+    const O_CLOEXEC: u32 = 0o2_000_000;
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let fd: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            let flags = u32::from_str_radix(flags.trim(), 8).ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            (fd > 2 && flags & O_CLOEXEC == 0).then(|| (fd, target.to_string_lossy().into_owned()))
+        })
+        .collect()
 }
 
 fn is_cloexec(fd: &impl std::os::fd::AsFd) -> bool {
@@ -442,6 +450,7 @@ fn is_cloexec(fd: &impl std::os::fd::AsFd) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_inherit_no_tailnet_fds() {
     guarded(async {
+        let before = inheritable_fds();
         let net = Net::start().await;
         let a = net.node("fdserver").await;
         let b = net.node("fdclient").await;
@@ -462,21 +471,17 @@ async fn children_inherit_no_tailnet_fds() {
                 *fd > 2
                     // the directory `ls` opened to list its fds
                     && !(target.starts_with("/proc/") && target.ends_with("/fd"))
-                    // opened by whoever started this test process (e.g. a
-                    // shell's own fds), not by us: also open in our parent
-                    && !open_in_parent(target)
+                    // inherited by this test process itself, the same fd
+                    // before any node started
+                    && !before.iter().any(|(f, t)| f == fd && t == target)
             })
             .collect();
         assert!(
             unexpected.is_empty(),
             "the child inherited fds beyond 0, 1, 2: {unexpected:?} (all: {fds:?})"
         );
-        let inherited: Vec<_> = fds
-            .iter()
-            .filter(|(fd, t)| *fd > 2 && open_in_parent(t))
-            .collect();
-        if !inherited.is_empty() {
-            eprintln!("note: fds the test process itself inherited from its parent: {inherited:?}");
+        if !before.is_empty() {
+            eprintln!("note: fds the test process itself inherited: {before:?}");
         }
         // The connection still works afterwards.
         accepted.write_all(b"y").await.unwrap();
