@@ -480,15 +480,16 @@ async fn a_timeout_kills_a_term_ignoring_child_and_its_grandchild() {
         json!([]),
         settings(),
     );
-    // A 1 s timeout for this tool.
+    // A 2 s timeout for this tool (time enough to start both sleeps on a
+    // busy machine).
     let text = std::fs::read_to_string(d.dir.path().join("t.json")).unwrap();
-    std::fs::write(d.dir.path().join("t.json"), text.replace("30s", "1s")).unwrap();
+    std::fs::write(d.dir.path().join("t.json"), text.replace("30s", "2s")).unwrap();
     d.registry.reload();
     let r = d.run("").await;
     assert_eq!(r["status"], "cancelled", "{r}");
     assert_eq!(r["exit_code"], -1);
     assert!(
-        r["error"].as_str().unwrap().contains("timed out after 1s"),
+        r["error"].as_str().unwrap().contains("timed out after 2s"),
         "{r}"
     );
     assert_eq!(
@@ -699,7 +700,8 @@ fn pids_in(dir: &std::path::Path) -> Vec<i32> {
 
 #[tokio::test]
 async fn a_timeout_kills_descendants_that_left_the_group() {
-    let d = setsid_daemon("1s");
+    // Time enough to start all three processes on a busy machine.
+    let d = setsid_daemon("3s");
     let body = json!({"dir": d.dir.path().display().to_string()}).to_string();
     let r = d.run(&body).await;
     assert_eq!(r["status"], "cancelled", "{r}");
