@@ -709,7 +709,7 @@ async fn delete_job(
     tracing::info!(job_id = %id, "job cancelled by its owner");
     // The run ends within its stop limit; the extra second is for the
     // executor to record the result.
-    let bound = executor.settings().runner_settings().stop_limit() + Duration::from_secs(1);
+    let bound = executor.settings().stop_limit() + Duration::from_secs(1);
     executor
         .jobs()
         .wait(id, &caller.identity, bound)

@@ -165,6 +165,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         tools,
         commands,
         audit = %audit.describe(),
+        config = %settings.config_file.as_deref().map_or("(none)".into(), |p| p.display().to_string()),
         "serving the exec API on the tailnet"
     );
 

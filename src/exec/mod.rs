@@ -103,6 +103,11 @@ impl ExecSettings {
         }
     }
 
+    /// The longest a run takes from its cancellation to its end.
+    pub fn stop_limit(&self) -> Duration {
+        runner::stop_limit(self.kill_grace)
+    }
+
     /// The runner's part of the settings.
     pub fn runner_settings(&self) -> RunnerSettings {
         RunnerSettings {

@@ -274,14 +274,13 @@ pub struct RunnerSettings {
     pub drain_after_exit: Duration,
 }
 
-impl RunnerSettings {
-    /// The longest a run can take from its cancellation to its end: the
-    /// grace period, then the launcher's time to sweep and exit (or be
-    /// SIGKILLed), the wait for a launcher that died, and the last reads
-    /// of its status socket and of the output pipes.
-    pub fn stop_limit(&self) -> Duration {
-        self.kill_grace + LAUNCHER_EXIT_LIMIT + LAUNCHER_DIED_WAIT + 2 * FINAL_DRAIN
-    }
+/// The longest a run can take from its cancellation to its end, with
+/// `kill_grace` between SIGTERM and SIGKILL: the grace period, then the
+/// launcher's time to sweep and exit (or be SIGKILLed), the wait for a
+/// launcher that died, and the last reads of its status socket and of the
+/// output pipes.
+pub fn stop_limit(kill_grace: Duration) -> Duration {
+    kill_grace + LAUNCHER_EXIT_LIMIT + LAUNCHER_DIED_WAIT + 2 * FINAL_DRAIN
 }
 
 /// One command to run.

@@ -28,12 +28,9 @@ pub struct ToolLimits {
 }
 
 impl Default for ToolLimits {
+    /// The limits of the default [`ExecSettings`](super::ExecSettings).
     fn default() -> Self {
-        ToolLimits {
-            max_timeout: Duration::from_secs(3600),
-            max_value_bytes: 4096,
-            max_output_bytes: 64 << 20,
-        }
+        super::ExecSettings::default().tool_limits()
     }
 }
 
