@@ -345,73 +345,87 @@ fn is_browser_safe_content_type(headers: &HeaderMap) -> bool {
 
 async fn guard(State(api): State<Api>, mut request: Request, next: Next) -> Response {
     let peer = request.extensions().get::<PeerIdentity>().cloned();
-    let target = exec_target(&request);
-    let refusal = if !api.host_allowed(request.headers(), request.uri()) {
-        Some(
-            ApiError::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                "this Host is not this node",
-            )
-            .hint("address the node by its tailnet name or IP"),
+    match admit_request(&api, &request, peer.as_ref()) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(refusal) => {
+            if let Some((tool, cmd)) = exec_target(&request) {
+                let who = audit_caller(peer.as_ref());
+                api.deny(who, (&tool, &cmd), None, refusal.clone()).await;
+            }
+            refusal.into_response()
+        }
+    }
+}
+
+/// The checks every request passes before its route: the `Host` is this
+/// node, no web page sent it, and WhoIs named the peer.
+fn admit_request(
+    api: &Api,
+    request: &Request,
+    peer: Option<&PeerIdentity>,
+) -> Result<Caller, ApiError> {
+    let headers = request.headers();
+    if !api.host_allowed(headers, request.uri()) {
+        return Err(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this Host is not this node",
         )
-    } else if request.headers().contains_key(header::ORIGIN) {
-        Some(
+        .hint("address the node by its tailnet name or IP"));
+    }
+    if headers.contains_key(header::ORIGIN) {
+        return Err(
             ApiError::new(StatusCode::FORBIDDEN, "requests from web pages are refused").hint(
                 "call the API from a program, without an Origin header, e.g. curl --json '{...}'",
             ),
+        );
+    }
+    if is_browser_safe_content_type(headers) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this Content-Type is refused; send JSON",
         )
-    } else if is_browser_safe_content_type(request.headers()) {
-        Some(
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "this Content-Type is refused; send JSON",
-            )
-            .hint("curl --json '{...}', or -H 'Content-Type: application/json'"),
-        )
-    } else {
-        None
-    };
-    let caller = match &peer {
+        .hint("curl --json '{...}', or -H 'Content-Type: application/json'"));
+    }
+    match peer {
         Some(PeerIdentity {
             peer,
             identity: Ok(identity),
-        }) => Some(Caller {
+        }) => Ok(Caller {
             identity: identity.clone(),
             peer: *peer,
         }),
-        _ => None,
-    };
-    let refusal = refusal.or_else(|| {
-        caller.is_none().then(|| {
-            let why = match &peer {
+        _ => {
+            let why = match peer {
                 Some(PeerIdentity {
                     identity: Err(e), ..
                 }) => e.clone(),
                 _ => "no identity for this connection".into(),
             };
-            tracing::warn!(peer = ?peer.as_ref().map(|p| p.peer), error = %why, "could not identify caller");
-            ApiError::new(StatusCode::FORBIDDEN, "could not identify caller")
-                .hint("only tailnet peers that WhoIs can identify may call this API")
-        })
-    });
-    let Some(refusal) = refusal else {
-        if let Some(caller) = caller {
-            request.extensions_mut().insert(caller);
+            tracing::warn!(peer = ?peer.map(|p| p.peer), error = %why, "could not identify caller");
+            Err(
+                ApiError::new(StatusCode::FORBIDDEN, "could not identify caller")
+                    .hint("only tailnet peers that WhoIs can identify may call this API"),
+            )
         }
-        return next.run(request).await;
-    };
-    if let Some((tool, cmd)) = &target {
-        let who = match (&caller, &peer) {
-            (Some(caller), _) => caller.audit(),
-            (None, Some(p)) => AuditCaller {
-                ip: Some(p.peer.ip()),
-                ..AuditCaller::default()
-            },
-            (None, None) => AuditCaller::default(),
-        };
-        api.deny(who, (tool, cmd), None, refusal.clone()).await;
     }
-    refusal.into_response()
+}
+
+/// The caller as far as it is known, for the audit record of a refusal.
+fn audit_caller(peer: Option<&PeerIdentity>) -> AuditCaller {
+    match peer {
+        Some(PeerIdentity {
+            peer,
+            identity: Ok(identity),
+        }) => AuditCaller::new(identity, Some(peer.ip())),
+        Some(p) => AuditCaller {
+            ip: Some(p.peer.ip()),
+            ..AuditCaller::default()
+        },
+        None => AuditCaller::default(),
+    }
 }
 
 // ---------------------------------------------------------------------------
