@@ -36,9 +36,9 @@ use uuid::Uuid;
 use crate::audit::{AuditCaller, AuditEvent, AuditRecord};
 use crate::exec::duration::{format_go_duration, parse_go_duration};
 use crate::exec::jobs::AdmitError;
-use crate::exec::runner::{CancelReason, prepare, redact_args};
+use crate::exec::runner::{CancelReason, Prepared, prepare, redact_args};
 use crate::exec::tool::Command;
-use crate::exec::{Executor, JobCaller, Registry, StartError};
+use crate::exec::{ExecEntry, Executor, JobCaller, Registry, StartError};
 use crate::tailnet::Identity;
 
 /// How long a client may take to send a request's headers (also the idle
@@ -284,6 +284,11 @@ impl ApiError {
 
     fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
+        self
+    }
+
+    fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
         self
     }
 
@@ -537,111 +542,38 @@ async fn exec_command(
     Segments(tool, cmd): Segments,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let target = (tool.as_str(), cmd.as_str());
-    let deny = |args, err| api.deny(caller.audit(), target, args, err);
-    let settings = api.inner.executor.settings();
-
-    let Some(entry) = api.inner.registry.lookup(&tool, &cmd) else {
-        return Err(deny(
-            None,
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("unknown tool or command {tool}/{cmd}"),
-            )
-            .hint("GET /tools lists the commands you may run"),
-        )
-        .await);
+    let refuse = |err, args| api.deny(caller.audit(), (&tool, &cmd), args, err);
+    let (entry, prepared, wait) = match read_exec_request(&api, &caller, &tool, &cmd, request).await
+    {
+        Ok(ready) => ready,
+        Err((err, args)) => return Err(refuse(err, args).await),
     };
-    let command = &entry.command;
-    if let Err(e) = api.authorize(&caller.identity, command) {
-        return Err(deny(None, e).await);
-    }
-
-    let (parts, body) = request.into_parts();
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is larger than {} bytes", settings.max_body_bytes),
-        )
-    };
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > settings.max_body_bytes as u64) {
-        return Err(deny(None, too_large()).await);
-    }
-    let reading = http_body_util::Limited::new(body, settings.max_body_bytes).collect();
-    let Ok(read) = tokio::time::timeout(BODY_READ_TIMEOUT, reading).await else {
-        return Err(deny(
-            None,
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("the body did not arrive within {BODY_READ_TIMEOUT:?}"),
-            ),
-        )
-        .await);
-    };
-    let body = match read {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(deny(None, too_large()).await);
-        }
-        Err(e) => {
-            return Err(deny(
-                None,
-                ApiError::bad_request(format!("could not read the body: {e}")),
-            )
-            .await);
-        }
-    };
-
-    let wait = match parse_wait(&parts.uri, settings.max_wait) {
-        Ok(wait) => wait,
-        Err(e) => return Err(deny(None, e).await),
-    };
-    let args = match parse_args(&body) {
-        Ok(args) => args,
-        Err(e) => {
-            let err = ApiError::bad_request(format!("invalid body: {e}"))
-                .hint("send a JSON object of arguments, e.g. {\"name\": \"value\"}");
-            return Err(deny(None, err).await);
-        }
-    };
-    let prepared = match prepare(command, &args, settings.max_value_bytes) {
-        Ok(prepared) => prepared,
-        Err(e) => {
-            let err = ApiError::bad_request(e.to_string());
-            return Err(deny(Some(redact_args(command, &args)), err).await);
-        }
-    };
-
     let audit_args = prepared.audit_args.clone();
     let job = JobCaller {
         identity: &caller.identity,
         ip: Some(caller.peer.ip()),
     };
-    let id = match api
-        .inner
-        .executor
-        .start(&entry.tool.name, command, prepared, job)
+    let executor = &api.inner.executor;
+    let id = match executor
+        .start(&entry.tool.name, &entry.command, prepared, job)
         .await
     {
         Ok(id) => id,
         Err(StartError::Admit(AdmitError::Busy(n))) => {
-            let mut err = ApiError::new(
+            let err = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!("all {n} job slots are busy"),
             )
-            .hint("retry later");
-            err.retry_after = Some(1);
-            return Err(deny(Some(audit_args), err).await);
+            .hint("retry later")
+            .retry_after(1);
+            return Err(refuse(err, Some(audit_args)).await);
         }
         Err(StartError::Admit(AdmitError::ShuttingDown)) => {
             let err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-            return Err(deny(Some(audit_args), err).await);
+            return Err(refuse(err, Some(audit_args)).await);
         }
         Err(StartError::Audit(e)) => {
+            // Not audited: the audit log is what failed.
             tracing::error!(error = %e, "exec.accepted could not be recorded; the job does not run");
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -651,14 +583,87 @@ async fn exec_command(
     };
     tracing::info!(job_id = %id, "job accepted");
     if let Some(wait) = wait {
-        let jobs = api.inner.executor.jobs();
-        let result = jobs.wait(id, &caller.identity, wait).await;
+        let result = executor.jobs().wait(id, &caller.identity, wait).await;
         if let Some(result) = result.filter(|r| r.status.is_terminal()) {
             return Ok(Json(&*result).into_response());
         }
     }
     let accepted = serde_json::json!({"job_id": id.to_string(), "status": "accepted"});
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+}
+
+/// The checks of SPEC §3 up to admission, in order: the command exists,
+/// the caller may run it, the body fits and arrives in time, `?wait=` and
+/// the arguments are valid. A refusal comes with the arguments the audit
+/// record may show, once they are known.
+async fn read_exec_request(
+    api: &Api,
+    caller: &Caller,
+    tool: &str,
+    cmd: &str,
+    request: Request,
+) -> Result<(ExecEntry, Prepared, Option<Duration>), (ApiError, Option<BTreeMap<String, Value>>)> {
+    let settings = api.inner.executor.settings();
+    let refused = |err| (err, None);
+    let entry = api.inner.registry.lookup(tool, cmd).ok_or_else(|| {
+        refused(
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown tool or command {tool}/{cmd}"),
+            )
+            .hint("GET /tools lists the commands you may run"),
+        )
+    })?;
+    let command = &entry.command;
+    api.authorize(&caller.identity, command).map_err(refused)?;
+
+    let (parts, body) = request.into_parts();
+    let too_large = || {
+        refused(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {} bytes", settings.max_body_bytes),
+        ))
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > settings.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    let reading = http_body_util::Limited::new(body, settings.max_body_bytes).collect();
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, reading)
+        .await
+        .map_err(|_| {
+            refused(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {BODY_READ_TIMEOUT:?}"),
+            ))
+        })?;
+    let body = match read {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => {
+            return Err(refused(ApiError::bad_request(format!(
+                "could not read the body: {e}"
+            ))));
+        }
+    };
+
+    let wait = parse_wait(&parts.uri, settings.max_wait).map_err(refused)?;
+    let args = parse_args(&body).map_err(|e| {
+        refused(
+            ApiError::bad_request(format!("invalid body: {e}"))
+                .hint("send a JSON object of arguments, e.g. {\"name\": \"value\"}"),
+        )
+    })?;
+    let prepared = prepare(command, &args, settings.max_value_bytes).map_err(|e| {
+        (
+            ApiError::bad_request(e.to_string()),
+            Some(redact_args(command, &args)),
+        )
+    })?;
+    Ok((entry, prepared, wait))
 }
 
 /// The two path segments of `/exec/{a}/{b}`, percent-decoded; segments
