@@ -55,19 +55,22 @@ impl IdentityResolver for WhoIs {
 /// already holds [`MAX_CONNECTIONS_PER_PEER`] connections. Nothing is
 /// resolved, decided or run.
 async fn refuse_connection(stream: crate::tailnet::Stream) -> Result<(), hyper::Error> {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
+    use axum::response::IntoResponse;
     let service = hyper::service::service_fn(|_request| async {
-        let body = serde_json::json!({
-            "error": "too many connections from this peer",
-            "hint": format!("at most {MAX_CONNECTIONS_PER_PEER} at once; reuse connections or retry"),
-        });
-        hyper::Response::builder()
-            .status(hyper::StatusCode::TOO_MANY_REQUESTS)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::RETRY_AFTER, "1")
-            .header(hyper::header::CONNECTION, "close")
-            .body(Full::new(Bytes::from(body.to_string())))
+        let mut response = crate::api::ApiError::new(
+            hyper::StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this peer",
+        )
+        .hint(format!(
+            "at most {MAX_CONNECTIONS_PER_PEER} at once; reuse connections or retry"
+        ))
+        .retry_after(1)
+        .into_response();
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        Ok::<_, std::convert::Infallible>(response)
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
