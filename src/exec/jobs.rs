@@ -437,11 +437,11 @@ impl State {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
+        // Only `finish` calls this, once per job (it returns early for a
+        // terminal one).
         debug_assert!(job.result.is_none());
         self.output_bytes += output_bytes(&result);
-        if let Some(old) = job.result.replace(Arc::new(result)) {
-            self.output_bytes -= output_bytes(&old);
-        }
+        job.result = Some(Arc::new(result));
         self.finished.push_back((expires, id));
     }
 
