@@ -119,7 +119,7 @@ impl Executor {
             tool,
             &command.name,
         );
-        accepted.args = prepared.audit_args.clone();
+        accepted.args = prepared.audit_args;
         accepted.job_id = Some(id.to_string());
         let spec = RunSpec {
             env: child_env(command, id, caller.identity),
