@@ -584,6 +584,7 @@ async fn sigterm_cancels_running_jobs_audits_them_and_exits_0() {
         .expect("the sleep command is not running under the daemon");
 
     let started = Instant::now();
+    let signalled_at = std::time::SystemTime::now();
     let status = daemon.terminate();
     assert!(status.success(), "{status:?}");
     // Within the shutdown grace (1 s) plus the SIGTERM→SIGKILL grace (5 s)
@@ -601,6 +602,13 @@ async fn sigterm_cancels_running_jobs_audits_them_and_exits_0() {
         .expect("no exec.finished for the cancelled job");
     assert_eq!(finished["status"], "cancelled", "{finished}");
     assert_eq!(finished["exit_code"], -1);
+    // The job had its grace period (1 s) before it was cancelled.
+    let finished_at = humantime::parse_rfc3339(finished["ts"].as_str().unwrap()).unwrap();
+    let ran_on = finished_at.duration_since(signalled_at).unwrap_or_default();
+    assert!(
+        ran_on >= Duration::from_millis(900),
+        "cancelled {ran_on:?} after SIGTERM, before the grace period ended"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while Path::new(&format!("/proc/{sleeper}")).exists() && !is_zombie(sleeper) {
         assert!(Instant::now() < deadline, "the command survived the daemon");
