@@ -16,6 +16,7 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tailkitd::client::{Call, Response};
 use tailkitd::demo::Client;
+use tailkitd::exec::launcher::{proc_stat, proc_stats};
 use tailkitd::tailnet::{Localnet, LocalnetOptions};
 
 const CAP: &str = "example.com/cap/x";
@@ -1041,51 +1042,34 @@ fn listening_tcp_inodes() -> HashSet<u64> {
     inodes
 }
 
-fn proc_stat(pid: i32) -> Option<(char, i32, String)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat[open + 1..close].to_string();
-    let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
-    Some((rest[0].chars().next()?, rest[1].parse().ok()?, comm))
-}
-
 fn is_zombie(pid: i32) -> bool {
-    proc_stat(pid).is_some_and(|(state, _, _)| state == 'Z')
-}
-
-fn all_pids() -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
+    proc_stat(pid).is_some_and(|p| p.state == 'Z')
 }
 
 fn zombie_children(parent: Pid) -> Vec<i32> {
-    all_pids()
+    proc_stats()
         .into_iter()
-        .filter(|&p| proc_stat(p).is_some_and(|(s, pp, _)| s == 'Z' && pp == parent.as_raw()))
+        .filter(|p| p.state == 'Z' && p.ppid == parent.as_raw())
+        .map(|p| p.pid)
         .collect()
 }
 
 /// A process named `comm` whose ancestors include `ancestor`.
 fn find_process_with_parent_chain(ancestor: Pid, comm: &str) -> Option<i32> {
-    let parents: BTreeMap<i32, (i32, String)> = all_pids()
-        .into_iter()
-        .filter_map(|p| proc_stat(p).map(|(_, pp, c)| (p, (pp, c))))
-        .collect();
-    parents.iter().find_map(|(&pid, (_, c))| {
-        if c != comm {
-            return None;
-        }
+    let parents: BTreeMap<i32, i32> = proc_stats().into_iter().map(|p| (p.pid, p.ppid)).collect();
+    let descends = |pid: i32| {
         let mut cur = pid;
         for _ in 0..10 {
-            let (pp, _) = parents.get(&cur)?;
-            if *pp == ancestor.as_raw() {
-                return Some(pid);
+            match parents.get(&cur) {
+                Some(&parent) if parent == ancestor.as_raw() => return true,
+                Some(&parent) => cur = parent,
+                None => return false,
             }
-            cur = *pp;
         }
-        None
+        false
+    };
+    parents.keys().copied().find(|&pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+            && descends(pid)
     })
 }

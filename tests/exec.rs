@@ -536,7 +536,7 @@ async fn a_launcher_killed_on_its_own_takes_the_command_with_it() {
     })
     .await;
     // The launcher is the command's parent (as the OOM killer would).
-    let launcher = proc_field(sleep, 1);
+    let launcher = parent_of(sleep);
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{launcher}/comm")).unwrap(),
         "tailkitd-launch\n"
@@ -891,17 +891,7 @@ async fn a_sigkilled_daemon_leaves_no_command() {
     .await;
     let command_pids = pids(&std::fs::read_to_string(&file).unwrap());
     let _cleanup = KillOnDrop(command_pids.clone());
-    let pgid = {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", command_pids[0])).unwrap();
-        let fields: Vec<String> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .map(String::from)
-            .collect();
-        fields[2].parse::<i32>().unwrap()
-    };
+    let pgid = group_of(command_pids[0]);
     assert!(command_pids.iter().all(|p| !process_gone(*p)));
     helper.start_kill().unwrap();
     let status = helper.wait().await.unwrap();
