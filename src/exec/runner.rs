@@ -547,13 +547,12 @@ impl Runner {
                         });
                     }
                 },
-                () = &mut timeout, if stage == Stage::Running => {
-                    cancelled = Some(CancelReason::Timeout(spec.timeout));
-                    stage = Stage::Terminating;
-                    send(&mut orders, Order::Term).await;
-                    grace.as_mut().reset(tokio::time::Instant::now() + self.settings.kill_grace);
-                }
-                reason = cancelled_by(&mut cancel), if stage == Stage::Running => {
+                reason = async {
+                    tokio::select! {
+                        () = &mut timeout => CancelReason::Timeout(spec.timeout),
+                        reason = cancelled_by(&mut cancel) => reason,
+                    }
+                }, if stage == Stage::Running => {
                     cancelled = Some(reason);
                     stage = Stage::Terminating;
                     send(&mut orders, Order::Term).await;
@@ -583,8 +582,8 @@ impl Runner {
         } else {
             // The main process is gone: give the pipes a moment to empty
             // (a background grandchild may hold them open forever).
-            let all_drained = async { while drains.join_next().await.is_some() {} };
-            let _ = tokio::time::timeout(self.settings.drain_after_exit, all_drained).await;
+            let _ =
+                tokio::time::timeout(self.settings.drain_after_exit, join_all(&mut drains)).await;
         }
         // Then have the launcher kill whatever is left, and keep what was
         // read.
@@ -610,8 +609,7 @@ impl Runner {
             }
         };
         let _ = tokio::time::timeout(FINAL_DRAIN, late).await;
-        let all_drained = async { while drains.join_next().await.is_some() {} };
-        let _ = tokio::time::timeout(FINAL_DRAIN, all_drained).await;
+        let _ = tokio::time::timeout(FINAL_DRAIN, join_all(&mut drains)).await;
         drains.abort_all();
         let take = |o: &Arc<Mutex<Output>>| std::mem::take(&mut *lock(o));
         RunOutcome {
@@ -729,6 +727,11 @@ async fn cancelled_by(cancel: &mut watch::Receiver<Option<CancelReason>>) -> Can
             std::future::pending::<()>().await;
         }
     }
+}
+
+/// Waits until every task of `tasks` has ended.
+async fn join_all(tasks: &mut JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
 }
 
 fn lock(output: &Mutex<Output>) -> std::sync::MutexGuard<'_, Output> {
