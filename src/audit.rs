@@ -581,14 +581,15 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
     }
 
-    #[tokio::test]
-    async fn a_stalled_sink_holds_callers_for_the_write_timeout_only() {
+    /// A log (write timeout 200 ms) into a FIFO whose reader (returned,
+    /// non-blocking) reads nothing until the test does, filled with
+    /// acceptances until one times out: the writer is then stuck on that
+    /// record. Returns how many were written before it.
+    async fn stalled_log(dir: &Path) -> (AuditLog, File, usize) {
         use std::os::unix::fs::OpenOptionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("fifo");
+        let fifo = dir.join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        // A reader that never reads: once the pipe is full, writes block.
-        let _reader = std::fs::OpenOptions::new()
+        let reader = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(&fifo)
@@ -596,19 +597,24 @@ mod tests {
         let log = AuditLog::open(&fifo)
             .unwrap()
             .with_write_timeout(Duration::from_millis(200));
-        let rec = AuditRecord::new(AuditEvent::Accepted, caller(), "t", "c");
-        let mut stalled = None;
-        for i in 0..5000 {
-            if let Err(e) = log.record_async(&rec).await {
-                stalled = Some((i, e));
-                break;
+        let filler = AuditRecord::new(AuditEvent::Accepted, caller(), "filler", "c");
+        for written in 0..5000 {
+            if let Err(err) = log.record_async(&filler).await {
+                assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+                return (log, reader, written);
             }
         }
-        let (written, err) = stalled.expect("the pipe never filled up");
+        panic!("the pipe never filled up");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_sink_holds_callers_for_the_write_timeout_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _reader, written) = stalled_log(dir.path()).await;
         assert!(written > 0);
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
         // Later callers are answered too (timed out, or refused at once
         // when too many wait), never left hanging.
+        let rec = AuditRecord::new(AuditEvent::Accepted, caller(), "t", "c");
         let err = log.record_async(&rec).await.unwrap_err();
         assert!(
             matches!(
@@ -622,26 +628,9 @@ mod tests {
     #[tokio::test]
     async fn late_records_other_than_acceptances_are_still_written() {
         use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let mut reader = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo)
-            .unwrap();
-        let log = AuditLog::open(&fifo)
-            .unwrap()
-            .with_write_timeout(Duration::from_millis(200));
+        let (log, mut reader, _) = stalled_log(dir.path()).await;
         let record = |event, tool: &str| AuditRecord::new(event, caller(), tool, "c");
-        // Fill the pipe until the writer stalls on a record.
-        let filler = record(AuditEvent::Accepted, "filler");
-        for _ in 0..5000 {
-            if log.record_async(&filler).await.is_err() {
-                break;
-            }
-        }
         // Queued behind the stalled write, all three time out; then fill
         // the queue, which refuses denials but never a finished record.
         let late = [
