@@ -2,20 +2,20 @@
 //! substitution, the job store at 100k jobs, and one POST → completed round
 //! trip of `/bin/true` through the router on loopback.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::hint::black_box;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::json;
-use tailkitd::api::{Api, ApiSettings, IdentityResolver, serve_connection};
+use tailkitd::api::ApiSettings;
 use tailkitd::audit::AuditLog;
-use tailkitd::exec::jobs::{JobLimits, JobResult, JobStatus, JobStore};
-use tailkitd::exec::runner::prepare;
-use tailkitd::exec::{ExecSettings, Executor, Registry, ToolLimits};
-use tailkitd::tailnet::Identity;
+use tailkitd::identity::Identity;
+use tailkitd::run::store::{JobLimits, JobStore};
+use tailkitd::run::{ExecSettings, JobResult, JobStatus};
+use tailkitd::tools::{Registry, ToolLimits, prepare};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn alice() -> Identity {
@@ -59,9 +59,9 @@ fn substitution(c: &mut Criterion) {
             {"name": "tag", "pattern": "^v?\\d+\\.\\d+\\.\\d+$", "default": "v1.0.0"}
         ]}]})
     .to_string();
-    let tool = tailkitd::exec::tool::parse_str(
+    let tool = tailkitd::tools::parse_str(
         &text,
-        tailkitd::exec::tool::Format::Json,
+        tailkitd::tools::Format::Json,
         std::path::Path::new("b.json"),
         &ToolLimits::default(),
     )
@@ -76,20 +76,8 @@ fn substitution(c: &mut Criterion) {
 
 fn finished(id: uuid::Uuid) -> JobResult {
     JobResult {
-        job_id: id.to_string(),
-        status: JobStatus::Completed,
-        exit_code: 0,
         stdout: "ok\n".into(),
-        stderr: String::new(),
-        duration_ms: 1,
-        error: None,
-        tool: "t".into(),
-        command: "c".into(),
-        stdout_truncated: false,
-        stderr_truncated: false,
-        started_at: None,
-        finished_at: None,
-        signal: None,
+        ..JobResult::pending(id, JobStatus::Completed, "t", "c", None, 1)
     }
 }
 
@@ -131,65 +119,35 @@ fn job_store(c: &mut Criterion) {
     });
 }
 
-struct Alice;
-
-impl IdentityResolver for Alice {
-    fn resolve(
-        &self,
-        _peer: SocketAddr,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<Identity, String>> + Send + '_>> {
-        Box::pin(async { Ok(alice()) })
-    }
-}
-
 fn round_trip(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("t.json"),
-        r#"{"name": "t", "commands": [{"name": "c", "exec_parts": ["/bin/true"]}]}"#,
-    )
-    .unwrap();
-    let addr = runtime.block_on(async {
-        let registry = Arc::new(Registry::load(dir.path(), ToolLimits::default()));
-        let audit = Arc::new(AuditLog::open(std::path::Path::new("/dev/null")).unwrap());
-        let settings = ExecSettings {
-            launcher: env!("CARGO_BIN_EXE_tailkitd-launch").into(),
-            ..ExecSettings::default()
-        };
-        let api = Api::new(
-            registry,
-            Executor::new(settings, audit),
-            ApiSettings::new("bench", vec!["bench".into()]),
+    let (addr, _stack) = runtime.block_on(async {
+        let stack = common::Stack::build(
+            &[(
+                "t.json",
+                r#"{"name": "t", "commands": [{"name": "c", "exec_parts": ["/bin/true"]}]}"#,
+            )],
+            common::settings(),
+            ApiSettings::new(common::HOST, vec![common::HOST.into()]),
+            AuditLog::open(std::path::Path::new("/dev/null")).unwrap(),
         );
-        let router = api.router();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let resolver: Arc<dyn IdentityResolver> = Arc::new(Alice);
-        tokio::spawn(async move {
-            while let Ok((stream, peer)) = listener.accept().await {
-                tokio::spawn(serve_connection(
-                    stream,
-                    peer,
-                    resolver.clone(),
-                    router.clone(),
-                    std::future::pending::<()>(),
-                ));
-            }
-        });
-        addr
+        let resolver = common::ByIp([("127.0.0.1".parse().unwrap(), alice())].into());
+        (common::serve_on_loopback(&stack, resolver).await, stack)
     });
-    let request = b"POST /exec/t/c?wait=10s HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+    let request = format!(
+        "POST /exec/t/c?wait=10s HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        common::HOST
+    );
     let mut group = c.benchmark_group("api");
     group.sample_size(50);
     group.bench_function("POST /bin/true -> completed, loopback", |b| {
         b.to_async(&runtime).iter(|| async {
             let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream.write_all(request).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
             let mut response = Vec::with_capacity(1024);
             stream.read_to_end(&mut response).await.unwrap();
             assert!(response.starts_with(b"HTTP/1.1 200"));

@@ -16,7 +16,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tailkitd::client::{self, Call};
 use tailkitd::demo::Client;
-use tailkitd::tailnet::Localnet;
+use tsnet_bridge::Localnet;
 
 const HOST: &str = "tkd-bench";
 const CAP: &str = "example.com/cap/x";
@@ -125,7 +125,7 @@ impl Drop for KillOnDrop {
 }
 
 /// The same calls over one HTTP/1.1 connection.
-async fn keep_alive_calls(node: Arc<tailkitd::tailnet::Node>) -> Vec<Duration> {
+async fn keep_alive_calls(node: Arc<tsnet_bridge::Node>) -> Vec<Duration> {
     let stream = node.dial(&format!("{HOST}:80")).await.expect("dial");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await

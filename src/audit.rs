@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::tailnet::Identity;
+use crate::identity::Identity;
 
 /// The three kinds of audit record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -128,6 +128,24 @@ impl AuditRecord {
             duration_ms: None,
             stdout_bytes: None,
             stderr_bytes: None,
+        }
+    }
+
+    /// An `exec.denied` record of a request for `target` (tool, command)
+    /// refused with `reason` and HTTP `status`, with the arguments as the
+    /// log may show them (empty when they were never read).
+    pub fn denial(
+        caller: AuditCaller,
+        target: (&str, &str),
+        reason: &str,
+        status: u16,
+        args: BTreeMap<String, serde_json::Value>,
+    ) -> Self {
+        AuditRecord {
+            reason: Some(reason.to_string()),
+            http_status: Some(status),
+            args,
+            ..AuditRecord::new(AuditEvent::Denied, caller, target.0, target.1)
         }
     }
 }

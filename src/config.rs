@@ -302,7 +302,8 @@ impl Settings {
 
 /// A Go duration (`10s`, `1m30s`) of at most an hour.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let d = crate::exec::duration::parse_go_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    let d =
+        crate::tools::duration::parse_go_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
     if d > Duration::from_secs(3600) {
         return Err(format!("{text:?}: at most 1h"));
     }

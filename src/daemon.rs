@@ -13,13 +13,15 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use tokio_util::sync::CancellationToken;
+use tsnet_bridge::{self as tailnet, BridgeError, Node, NodeConfig, Status};
+
 use crate::api::{Api, ApiSettings};
 use crate::audit::AuditLog;
 use crate::config::Settings;
-use crate::exec::registry::RegistryError;
-use crate::exec::{ExecSettings, Executor, Registry};
+use crate::run::{ExecSettings, Executor};
 use crate::server::{self, WhoIs};
-use crate::tailnet::{self, BridgeError, Node, NodeConfig, Status};
+use crate::tools::{Registry, RegistryError};
 
 /// How long one `up` attempt waits before the daemon logs that it is still
 /// waiting (it keeps waiting).
@@ -134,6 +136,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let api = Api::new(
         registry.clone(),
         Executor::new(exec_settings, audit.clone()),
+        audit.clone(),
         ApiSettings {
             require_cap: settings.require_cap,
             ..ApiSettings::new(
@@ -169,16 +172,11 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         "serving the exec API on the tailnet"
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut server = tokio::spawn(server::serve(
-        listener,
-        Arc::new(WhoIs(node.clone())),
-        api.router(),
-        async move {
-            let mut rx = stop_rx;
-            let _ = rx.wait_for(|s| *s).await;
-        },
-    ));
+    let stop_serving = CancellationToken::new();
+    let mut server = tokio::spawn(
+        server::Listener::new(listener, Arc::new(WhoIs(node.clone())), api.router())
+            .run(stop_serving.clone()),
+    );
     let names = tokio::spawn(refresh_names(
         node.clone(),
         api.clone(),
@@ -212,7 +210,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         "shutting down: new jobs are refused, running ones get the grace period"
     );
     api.shutdown(settings.shutdown_grace).await;
-    let _ = stop_tx.send(true);
+    stop_serving.cancel();
     if stopped_by.is_ok() {
         match server.await {
             Ok(Err(e)) => error!(error = %e, "the tailnet listener failed while stopping"),

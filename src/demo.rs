@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::client::{self, Call, Response};
-use crate::tailnet::{BridgeError, Localnet, Node};
+use tsnet_bridge::{BridgeError, Localnet, Node};
 
 /// The example tools `demo` serves, built into the binary so the demo works
 /// from any directory.
@@ -118,7 +118,7 @@ pub fn client_name(i: usize) -> String {
 /// When any step fails or the daemon answers something other than what the
 /// demo shows.
 pub async fn run_demo(exe: &Path) -> Result<(), DemoError> {
-    let launcher = crate::exec::default_launcher();
+    let launcher = crate::run::default_launcher();
     if !launcher.is_file() {
         return Err(DemoError::Unexpected(format!(
             "{} is missing: the daemon runs every command through it. `cargo build --release` builds it next to tailkitd",
@@ -444,7 +444,7 @@ pub async fn run_localnet(clients: usize, grants: &[(String, String)]) -> Result
         .map_err(io_err("installing signal handlers"))?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(io_err("installing signal handlers"))?;
-    crate::tailnet::ensure_signal_onstack(&[libc::SIGTERM, libc::SIGINT])
+    tsnet_bridge::ensure_signal_onstack(&[libc::SIGTERM, libc::SIGINT])
         .map_err(io_err("installing signal handlers"))?;
 
     let dir = tempfile::Builder::new()
@@ -550,7 +550,7 @@ mod tests {
         for (name, text) in EXAMPLE_TOOLS {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
-        let problems = crate::exec::validate_path(dir.path());
+        let problems = crate::tools::validate_path(dir.path());
         assert!(problems.is_empty(), "{problems:?}");
     }
 }

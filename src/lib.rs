@@ -4,19 +4,27 @@
 //!
 //! # Layout
 //!
-//! - [`tailnet`]: the tsnet node over our own Go bridge (the only module allowed
-//!   FFI calls into C): listen, dial, WhoIs, and the embedded local tailnet.
-//! - [`exec`]: tool files, the live-reloading registry, the process runner and
-//!   the job store. Knows nothing of HTTP or the tailnet.
+//! The tailnet itself lives in the `tsnet-bridge` crate (the only crate
+//! with `unsafe`), the per-job supervisor's protocol in `tailkitd-launch`
+//! (a crate without Go). This crate forbids `unsafe`; data flows one way:
+//! [`server`] → [`api`] → [`run`] → [`tools`], with [`identity`] and
+//! [`audit`] used along the way.
+//!
+//! - [`identity`]: who is calling, as plain data, and who owns a job.
+//! - [`tools`]: what may be run: tool files, their validation, the
+//!   live-reloading registry, argument checks, Go durations and patterns.
+//! - [`run`]: running it: the executor (the one seam the API calls), the
+//!   process runner and launcher, the job store.
 //! - [`api`]: the HTTP routes, transport-agnostic: takes a resolved caller
-//!   identity per request and decides.
+//!   per request and decides.
 //! - [`audit`]: the append-only JSON-lines audit log.
+//! - [`server`]: transport: the accept loop on the tailnet listener, HTTP/1.1
+//!   per connection, WhoIs per request.
 //! - [`config`]: flags, environment, TOML config and defaults merged.
-//! - [`server`]: the accept loop on the tailnet listener.
 //! - [`daemon`]: `tailkitd run`, the pieces above put together.
 //! - [`client`]: a small HTTP client for the API over any stream.
 //! - `demo` (feature `localnet`): `tailkitd demo` and `tailkitd localnet`.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod audit;
@@ -25,6 +33,7 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "localnet")]
 pub mod demo;
-pub mod exec;
+pub mod identity;
+pub mod run;
 pub mod server;
-pub mod tailnet;
+pub mod tools;

@@ -1,6 +1,6 @@
 //! The `tailkitd` command line: parse, pick the subcommand, map errors to
 //! exit codes. Everything else lives in the library.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -95,7 +95,7 @@ fn init_tracing(format: LogFormat, default_filter: &str) {
 }
 
 fn validate(path: &Path) -> ExitCode {
-    let problems = tailkitd::exec::validate_path(path);
+    let problems = tailkitd::tools::validate_path(path);
     for problem in &problems {
         println!("{problem}");
     }

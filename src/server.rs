@@ -1,25 +1,36 @@
-//! The accept loop: connections from the tailnet listener, each with the
-//! peer address it really came from, served one task each through
-//! [`api::serve_connection`](crate::api::serve_connection) (which resolves
-//! the caller per request). Connections are bounded, in all and per peer
-//! address; failed accepts back off; stopping closes the listener, asks
-//! every connection to finish its request in flight, and waits a little for
-//! them.
+//! Transport: HTTP/1.1 on connections from the tailnet listener, each with
+//! the peer address it really came from, the caller resolved per request
+//! (tsnet WhoIs, at this edge only) and handed to the
+//! [router](crate::api::Api::router) as a [`PeerIdentity`].
+//!
+//! A [`Listener`] owns the accept loop in the way of mini-redis's: a
+//! semaphore permit is taken before each accept and moved into the
+//! connection's task (connections are bounded, in all and per peer
+//! address), failed accepts back off, and shutdown is one
+//! [`CancellationToken`] every connection watches, with a [`TaskTracker`]
+//! to wait for them.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use axum::body::Body;
+use axum::response::IntoResponse;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 use tracing::{debug, warn};
+use tsnet_bridge::{Node, Stream};
 
-use crate::api::{IdentityResolver, serve_connection};
-use crate::tailnet::{BridgeError, Identity, Listener, Node};
+use crate::api::{ApiError, PeerIdentity};
+use crate::identity::Identity;
 
 /// Connections served at once; more wait in the listener's backlog.
 pub const MAX_CONNECTIONS: usize = 512;
@@ -33,6 +44,19 @@ const MAX_REFUSALS: usize = 64;
 const REFUSAL_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long open connections get to finish after the server stops.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request's headers (also the idle
+/// time allowed between requests on a kept-alive connection).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Resolves the identity of the peer at a connection's remote address; it
+/// is called for every request.
+pub trait IdentityResolver: Send + Sync + 'static {
+    /// The identity of `peer`, or why it is unknown.
+    fn resolve(
+        &self,
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<Identity, String>> + Send + '_>>;
+}
 
 /// Resolves callers with tsnet WhoIs on the node that accepted them.
 pub struct WhoIs(pub Arc<Node>);
@@ -40,24 +64,90 @@ pub struct WhoIs(pub Arc<Node>);
 impl IdentityResolver for WhoIs {
     fn resolve(
         &self,
-        peer: std::net::SocketAddr,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Identity, String>> + Send + '_>> {
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<Identity, String>> + Send + '_>> {
         Box::pin(async move {
-            self.0.whois(peer).await.map_err(|e: BridgeError| {
-                debug!(%peer, error = %e, "whois failed");
-                e.to_string()
-            })
+            match self.0.whois(peer).await {
+                Ok(who) => Ok(identity_of(who)),
+                Err(e) => {
+                    debug!(%peer, error = %e, "whois failed");
+                    Err(e.to_string())
+                }
+            }
         })
     }
+}
+
+/// The caller's identity from a WhoIs answer.
+pub fn identity_of(who: tsnet_bridge::WhoIs) -> Identity {
+    Identity {
+        node_name: who.node_name,
+        node_id: who.node_id,
+        ips: who.ips,
+        user_login: who.user_login,
+        tags: who.tags,
+        caps: who.caps,
+    }
+}
+
+/// Serves HTTP/1.1 on one accepted connection from `peer`: resolves the
+/// identity for every request and hands it to `router`; closes connections
+/// whose headers do not arrive within [`HEADER_READ_TIMEOUT`]; when
+/// `shutdown` is cancelled, finishes the request in flight and closes.
+///
+/// # Errors
+///
+/// The connection's I/O or protocol error (a header timeout included).
+pub async fn serve_connection<IO>(
+    io: IO,
+    peer: SocketAddr,
+    resolver: Arc<dyn IdentityResolver>,
+    router: Router,
+    shutdown: CancellationToken,
+) -> Result<(), hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let resolver = resolver.clone();
+            let router = router.clone();
+            async move {
+                let identity = resolver.resolve(peer).await.map(Arc::new);
+                let mut request = request.map(Body::new);
+                request
+                    .extensions_mut()
+                    .insert(PeerIdentity { peer, identity });
+                router.oneshot(request).await
+            }
+        });
+    let connection = http1()
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
+}
+
+/// The HTTP/1.1 server settings every connection shares.
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new());
+    builder
 }
 
 /// Answers every request on `stream` with `429` and closes it: the peer
 /// already holds [`MAX_CONNECTIONS_PER_PEER`] connections. Nothing is
 /// resolved, decided or run.
-async fn refuse_connection(stream: crate::tailnet::Stream) -> Result<(), hyper::Error> {
-    use axum::response::IntoResponse;
+async fn refuse_connection(stream: Stream) -> Result<(), hyper::Error> {
     let service = hyper::service::service_fn(|_request| async {
-        let mut response = crate::api::ApiError::new(
+        let mut response = ApiError::new(
             hyper::StatusCode::TOO_MANY_REQUESTS,
             "too many connections from this peer",
         )
@@ -72,12 +162,11 @@ async fn refuse_connection(stream: crate::tailnet::Stream) -> Result<(), hyper::
         );
         Ok::<_, std::convert::Infallible>(response)
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
+    http1()
         .header_read_timeout(REFUSAL_HEADER_TIMEOUT)
         .keep_alive(false)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    conn.await
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await
 }
 
 /// Open connections per peer address.
@@ -119,99 +208,139 @@ impl Drop for PeerSlot {
     }
 }
 
-/// Serves `router` on every connection `listener` accepts until `stop`
-/// resolves, then drains (see the module docs).
-///
-/// # Errors
-///
-/// When the listener itself is gone (its node closed under it): nothing
-/// more can be served, and the caller should stop.
-pub async fn serve(
-    listener: Listener,
+/// The accept loop over one tailnet listener.
+pub struct Listener {
+    listener: tsnet_bridge::Listener,
     resolver: Arc<dyn IdentityResolver>,
     router: Router,
-    stop: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let peers = Arc::new(PeerCounts::default());
-    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
-    let mut outcome = Ok(());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    let mut backoff = Duration::from_millis(50);
-    tokio::pin!(stop);
+    /// Permits for the connections served at once.
+    slots: Arc<Semaphore>,
+    /// Permits for the over-limit connections being answered `429`.
+    refusals: Arc<Semaphore>,
+    peers: Arc<PeerCounts>,
+    /// Every connection's task, to wait for at shutdown.
+    connections: TaskTracker,
+    /// Cancelled when the server stops: connections finish their request
+    /// in flight and close.
+    shutdown: CancellationToken,
+    /// Cancelled [`DRAIN_TIMEOUT`] later: connections still open are
+    /// dropped.
+    abort: CancellationToken,
+}
 
-    loop {
-        // Reap finished connection tasks so the set does not grow.
-        while connections.try_join_next().is_some() {}
+impl Listener {
+    /// A server of `router` on `listener`, resolving callers with
+    /// `resolver`.
+    pub fn new(
+        listener: tsnet_bridge::Listener,
+        resolver: Arc<dyn IdentityResolver>,
+        router: Router,
+    ) -> Self {
+        Listener {
+            listener,
+            resolver,
+            router,
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+            peers: Arc::new(PeerCounts::default()),
+            connections: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
+        }
+    }
 
-        let accepted = tokio::select! {
-            () = &mut stop => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => tokio::select! {
-                    () = &mut stop => break,
-                    accepted = listener.accept() => accepted.map(|conn| (conn, slot)),
-                },
-                Err(_) => break,
-            },
+    /// Serves every connection until `stop` is cancelled, then closes the
+    /// listener, asks every connection to finish its request in flight,
+    /// and waits up to [`DRAIN_TIMEOUT`] for them.
+    ///
+    /// # Errors
+    ///
+    /// When the listener itself is gone (its node closed under it): nothing
+    /// more can be served, and the caller should stop.
+    pub async fn run(self, stop: CancellationToken) -> io::Result<()> {
+        let outcome = tokio::select! {
+            () = stop.cancelled() => Ok(()),
+            result = self.accept_loop() => result,
         };
-        match accepted {
-            Ok(((stream, peer), slot)) => {
-                backoff = Duration::from_millis(50);
-                let Some(peer_slot) = peers.take(peer.ip()) else {
-                    // Refusals hold no slot, or one peer could still take
-                    // them all with connections it never uses.
-                    drop(slot);
-                    debug!(%peer, "too many connections from this peer");
-                    if let Ok(refusal) = refusals.clone().try_acquire_owned() {
-                        connections.spawn(async move {
-                            let _refusal = refusal;
-                            let _ = refuse_connection(stream).await;
-                        });
-                    }
-                    continue;
-                };
-                let resolver = resolver.clone();
-                let router = router.clone();
-                let mut stop_rx = stop_rx.clone();
-                connections.spawn(async move {
-                    let _slots = (slot, peer_slot);
-                    let stopped = async move {
-                        let _ = stop_rx.wait_for(|s| *s).await;
-                    };
-                    if let Err(e) = serve_connection(stream, peer, resolver, router, stopped).await
-                    {
-                        debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                outcome = Err(e);
-                break;
-            }
-            Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "accept failed");
-                tokio::select! {
-                    () = &mut stop => break,
-                    () = tokio::time::sleep(backoff) => {}
+        let Listener {
+            listener,
+            connections,
+            shutdown,
+            abort,
+            ..
+        } = self;
+        drop(listener);
+        shutdown.cancel();
+        connections.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = connections.len(),
+                "closing connections that did not finish in time"
+            );
+            abort.cancel();
+            connections.wait().await;
+        }
+        outcome
+    }
+
+    /// Accepts until the listener dies.
+    async fn accept_loop(&self) -> io::Result<()> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                return Ok(());
+            };
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(50);
+                    self.serve(stream, peer, slot);
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Err(e),
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }
 
-    drop(listener);
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        warn!(
-            open = connections.len(),
-            "closing connections that did not finish in time"
-        );
-        connections.shutdown().await;
+    /// Serves one connection on its own task, holding `slot` and one of its
+    /// peer's slots; a peer over its limit is answered `429` without taking
+    /// a slot (or one peer could still take them all with connections it
+    /// never uses).
+    fn serve(&self, stream: Stream, peer: SocketAddr, slot: tokio::sync::OwnedSemaphorePermit) {
+        let abort = self.abort.clone();
+        let Some(peer_slot) = self.peers.take(peer.ip()) else {
+            drop(slot);
+            debug!(%peer, "too many connections from this peer");
+            if let Ok(refusal) = self.refusals.clone().try_acquire_owned() {
+                self.connections.spawn(async move {
+                    let _refusal = refusal;
+                    tokio::select! {
+                        _ = refuse_connection(stream) => {}
+                        () = abort.cancelled() => {}
+                    }
+                });
+            }
+            return;
+        };
+        let resolver = self.resolver.clone();
+        let router = self.router.clone();
+        let shutdown = self.shutdown.clone();
+        self.connections.spawn(async move {
+            let _slots = (slot, peer_slot);
+            tokio::select! {
+                result = serve_connection(stream, peer, resolver, router, shutdown) => {
+                    if let Err(e) = result {
+                        debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                () = abort.cancelled() => {}
+            }
+        });
     }
-    outcome
 }
