@@ -5,6 +5,7 @@
 use std::fmt;
 
 use regex::bytes::{Regex, RegexBuilder};
+use regex_syntax::ast::{self, Ast};
 
 /// A compiled argument pattern. Matches whole values only, with Go's ASCII
 /// Perl classes, whatever anchors or flags the source carries itself.
@@ -32,7 +33,7 @@ impl ArgPattern {
     /// the wrapper would turn into `^(?:a)|(b)$`, cannot escape the anchors);
     /// the message is the regex parser's.
     pub fn new(source: &str) -> Result<Self, String> {
-        let rewritten = rewrite_perl_classes(source);
+        let rewritten = rewrite_perl_classes(source)?;
         // The pattern alone first: wrapped, an unbalanced `)` closes the
         // wrapper's group early and the rest is an unanchored alternative.
         compile(&rewritten)?;
@@ -78,51 +79,119 @@ impl fmt::Debug for ArgPattern {
     }
 }
 
-/// Rewrites the Perl classes to their ASCII definitions in RE2 (Go):
-/// `\d` = `[0-9]`, `\w` = `[0-9A-Za-z_]`, `\s` = `[\t\n\f\r ]`, and `\b`/`\B`
-/// to ASCII word boundaries. Inside a bracket class the replacement is a
-/// nested class, which the `regex` crate accepts.
-fn rewrite_perl_classes(source: &str) -> String {
-    let mut out = String::with_capacity(source.len() + 16);
+/// Gives `source` Go's meaning for the `regex` crate: RE2's bracket
+/// literals first (see [`escape_class_brackets`]), then, on the parsed
+/// pattern, every Perl class replaced by its ASCII definition in RE2:
+/// `\d` = `[0-9]`, `\w` = `[0-9A-Za-z_]`, `\s` = `[\t\n\f\r ]` (no `\v`),
+/// and word boundaries made ASCII (`(?-u:\b)`).
+fn rewrite_perl_classes(source: &str) -> Result<String, String> {
+    let source = escape_class_brackets(source);
+    let ast = ast::parse::Parser::new()
+        .parse(&source)
+        .map_err(|e| e.to_string())?;
+    let mut edits = ast::visit(&ast, PerlClasses::default())?;
+    // From the end, so that earlier offsets stay valid.
+    edits.sort_by_key(|(span, _)| std::cmp::Reverse(span.start.offset));
+    let mut out = source.into_owned();
+    for (span, replacement) in edits {
+        out.replace_range(span.start.offset..span.end.offset, &replacement);
+    }
+    Ok(out)
+}
+
+/// Collects the replacement of each Perl class and word boundary.
+#[derive(Default)]
+struct PerlClasses(Vec<(ast::Span, String)>);
+
+impl PerlClasses {
+    fn class(&mut self, class: &ast::ClassPerl) {
+        let set = match class.kind {
+            ast::ClassPerlKind::Digit => "0-9",
+            ast::ClassPerlKind::Word => "0-9A-Za-z_",
+            ast::ClassPerlKind::Space => r"\t\n\x0C\r ",
+        };
+        let not = if class.negated { "^" } else { "" };
+        // A nested class inside a bracket class is fine for the regex crate.
+        self.0.push((class.span, format!("[{not}{set}]")));
+    }
+}
+
+impl ast::Visitor for PerlClasses {
+    type Output = Vec<(ast::Span, String)>;
+    type Err = String;
+
+    fn finish(self) -> Result<Self::Output, String> {
+        Ok(self.0)
+    }
+
+    fn visit_pre(&mut self, node: &Ast) -> Result<(), String> {
+        match node {
+            Ast::ClassPerl(class) => self.class(class),
+            Ast::Assertion(assertion) => {
+                if let Some(text) = word_boundary(&assertion.kind) {
+                    // ASCII word characters, as in Go; a bytes regex allows
+                    // it (see `compile`).
+                    self.0.push((assertion.span, format!("(?-u:{text})")));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn visit_class_set_item_pre(&mut self, item: &ast::ClassSetItem) -> Result<(), String> {
+        if let ast::ClassSetItem::Perl(class) = item {
+            self.class(class);
+        }
+        Ok(())
+    }
+}
+
+/// The text of a word-boundary assertion, `None` for other assertions.
+fn word_boundary(kind: &ast::AssertionKind) -> Option<&'static str> {
+    use ast::AssertionKind::*;
+    Some(match kind {
+        WordBoundary => r"\b",
+        NotWordBoundary => r"\B",
+        WordBoundaryStart => r"\b{start}",
+        WordBoundaryEnd => r"\b{end}",
+        WordBoundaryStartAngle => r"\<",
+        WordBoundaryEndAngle => r"\>",
+        WordBoundaryStartHalf => r"\b{start-half}",
+        WordBoundaryEndHalf => r"\b{end-half}",
+        StartLine | EndLine | StartText | EndText => return None,
+    })
+}
+
+/// RE2 reads a `[` inside a bracket class as a literal (unless it starts a
+/// POSIX class such as `[:alpha:]`); the `regex` crate reads it as a nested
+/// class. Escapes such a `[` so that both read the same class. Everything
+/// else is left as written.
+fn escape_class_brackets(source: &str) -> std::borrow::Cow<'_, str> {
+    if !source.contains('[') {
+        return source.into();
+    }
+    let mut out = String::with_capacity(source.len() + 4);
     let mut chars = source.chars().peekable();
     let mut in_class = false;
-    // Whether the previous token opened a class (`[` or `[^`), where a `]`
-    // is a literal.
+    // Right after `[` or `[^`, where a `]` is a literal.
     let mut class_start = false;
     while let Some(c) = chars.next() {
+        let starting = std::mem::take(&mut class_start);
         match c {
             '\\' => {
-                let Some(next) = chars.next() else {
-                    out.push('\\');
-                    break;
-                };
-                class_start = false;
-                match (next, in_class) {
-                    ('d', _) => out.push_str("[0-9]"),
-                    ('D', _) => out.push_str("[^0-9]"),
-                    ('w', _) => out.push_str("[0-9A-Za-z_]"),
-                    ('W', _) => out.push_str("[^0-9A-Za-z_]"),
-                    ('s', _) => out.push_str(r"[\t\n\x0C\r ]"),
-                    ('S', _) => out.push_str(r"[^\t\n\x0C\r ]"),
-                    ('b', false) => out.push_str(r"(?-u:\b)"),
-                    ('B', false) => out.push_str(r"(?-u:\B)"),
-                    (other, _) => {
-                        out.push('\\');
-                        out.push(other);
-                    }
-                }
+                out.push(c);
+                out.extend(chars.next());
             }
             '[' if !in_class => {
                 in_class = true;
                 class_start = true;
                 out.push('[');
-                if chars.peek() == Some(&'^') {
-                    chars.next();
+                if chars.next_if_eq(&'^').is_some() {
                     out.push('^');
                 }
             }
             '[' if chars.peek() == Some(&':') => {
-                // A POSIX class such as `[:alpha:]`: copy it whole.
                 out.push('[');
                 for d in chars.by_ref() {
                     out.push(d);
@@ -130,25 +199,16 @@ fn rewrite_perl_classes(source: &str) -> String {
                         break;
                     }
                 }
-                class_start = false;
             }
-            '[' => {
-                // A literal `[` inside a class in RE2; the regex crate would
-                // read it as a nested class.
-                out.push_str(r"\[");
-                class_start = false;
-            }
-            ']' if in_class && !class_start => {
+            '[' => out.push_str(r"\["),
+            ']' if in_class && !starting => {
                 in_class = false;
                 out.push(']');
             }
-            other => {
-                class_start = false;
-                out.push(other);
-            }
+            other => out.push(other),
         }
     }
-    out
+    out.into()
 }
 
 #[cfg(test)]

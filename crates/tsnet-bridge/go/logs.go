@@ -58,9 +58,11 @@ func writeLogs(w *os.File) {
 	}
 }
 
-// emit queues msg (split into lines) under source, or drops it.
+// emit queues msg (split into lines) under source, or drops it. NUL bytes
+// go: tsnet marks structured lines with one ("[v\x00JSON]"), and a log
+// with NULs in it reads as binary.
 func emit(source, msg string) {
-	msg = strings.TrimRight(msg, "\n")
+	msg = strings.ReplaceAll(strings.TrimRight(msg, "\n"), "\x00", "")
 	for line := range strings.SplitSeq(msg, "\n") {
 		select {
 		case logQueue <- source + "\t" + line + "\n":

@@ -40,9 +40,35 @@ fn forward(mut reader: impl BufRead) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches('\n');
-        let (source, msg) = text.split_once('\t').unwrap_or(("bridge", text));
+        let (source, msg) = parse_line(&line);
         tracing::debug!(target: "tsnet", source, "{msg}");
+    }
+}
+
+/// The source and the message of one forwarded line (`source\tmessage\n`),
+/// the message without control characters: tsnet marks structured lines
+/// with a NUL (`[v\x00JSON]`), which makes tools such as grep treat a log
+/// file as binary.
+fn parse_line(line: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches('\n');
+    let (source, msg) = text.split_once('\t').unwrap_or(("bridge", text));
+    let msg = msg
+        .chars()
+        .filter(|c| *c == '\t' || !c.is_control())
+        .collect();
+    (source.to_string(), msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_lose_their_control_characters() {
+        let (source, msg) = parse_line(b"node/tk/backend\t[v\x00JSON]1{\"a\":1}\x1b[0m\n");
+        assert_eq!(source, "node/tk/backend");
+        assert_eq!(msg, "[vJSON]1{\"a\":1}[0m");
+        assert_eq!(parse_line(b"no tab\n"), ("bridge".into(), "no tab".into()));
     }
 }

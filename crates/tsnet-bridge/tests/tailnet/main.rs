@@ -1,0 +1,97 @@
+//! Integration tests of the tailnet bridge: real tsnet nodes on the embedded
+//! local tailnet, all in this process. Run them in a loopback-only network
+//! namespace (`scripts/test` does): nothing here may reach beyond 127.0.0.1.
+//!
+//! Set `TAILKITD_TEST_LOG=tsnet=debug` to see the Go side's logs.
+
+#![cfg(feature = "localnet")]
+
+mod connections;
+mod node;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tsnet_bridge::{
+    BridgeError, Localnet, LocalnetOptions, MAGIC_DNS_SUFFIX, Node, NodeConfig, Stream,
+    ensure_signal_onstack,
+};
+
+/// How long a node may take to come up.
+const UP: Duration = Duration::from_secs(60);
+/// The hang guard around each whole test.
+const TEST_LIMIT: Duration = Duration::from_secs(300);
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TAILKITD_TEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A local tailnet plus a temp dir for node state.
+struct Net {
+    localnet: Localnet,
+    dir: tempfile::TempDir,
+}
+
+impl Net {
+    async fn start() -> Net {
+        Net::start_with(LocalnetOptions::default()).await
+    }
+
+    async fn start_with(opts: LocalnetOptions) -> Net {
+        init_tracing();
+        Net {
+            localnet: Localnet::start_with(opts)
+                .await
+                .expect("start local tailnet"),
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn config(&self, name: &str) -> NodeConfig {
+        self.localnet.node_config(name, &self.state_dir(name))
+    }
+
+    fn state_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn node(&self, name: &str) -> Node {
+        let node = Node::new(self.config(name)).expect("create node");
+        node.up(UP)
+            .await
+            .unwrap_or_else(|e| panic!("{name} up: {e}"));
+        node
+    }
+}
+
+/// Runs a test body under the hang guard.
+async fn guarded<F: Future<Output = ()>>(body: F) {
+    tokio::time::timeout(TEST_LIMIT, body)
+        .await
+        .expect("test did not finish within its hang guard");
+}
+
+fn ipv4(node: &Node) -> IpAddr {
+    node.ips()
+        .unwrap()
+        .into_iter()
+        .find(IpAddr::is_ipv4)
+        .expect("node has an IPv4 tailnet address")
+}
+
+async fn read_all(stream: &mut Stream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.unwrap();
+    buf
+}
