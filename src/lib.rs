@@ -26,5 +26,6 @@ pub mod daemon;
 #[cfg(feature = "localnet")]
 pub mod demo;
 pub mod exec;
+pub mod localapi;
 pub mod server;
 pub mod tailnet;
