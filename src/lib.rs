@@ -23,6 +23,8 @@
 //! - [`config`]: flags, environment, TOML config and defaults merged.
 //! - [`daemon`]: `tailkitd run`, the pieces above put together.
 //! - [`client`]: a small HTTP client for the API over any stream.
+//! - [`localapi`]: the machine's tailscaled through its LocalAPI socket
+//!   (peer list and dial), for callers without a tsnet node of their own.
 //! - `demo` (feature `localnet`): `tailkitd demo` and `tailkitd localnet`.
 #![forbid(unsafe_code)]
 
@@ -34,6 +36,7 @@ pub mod daemon;
 #[cfg(feature = "localnet")]
 pub mod demo;
 pub mod identity;
+pub mod localapi;
 pub mod run;
 pub mod server;
 pub mod tools;
