@@ -4,7 +4,7 @@
 //! tailnet server feeds it (see [`crate::server`]); tests call
 //! [`Api::router`] directly (tests/exec/router.rs).
 //!
-//! Every request first passes the [guards](guard) (Host → 421, `Origin` or
+//! Every request first passes the guards (`guard.rs`: Host → 421, `Origin` or
 //! a browser-safe Content-Type → 403, unknown caller → 403); `POST
 //! /exec/{tool}/{cmd}` then checks, in order: 404 (no such command), 403
 //! (capability), 413 (body size), 400 (`?wait=`, body, then the arguments),

@@ -3,7 +3,7 @@
 //! nothing of processes, jobs, HTTP or the tailnet; the [run](crate::run)
 //! side builds on it, never the other way round.
 //!
-//! - [`file`]: tool files (JSON as the Go SDK writes it, or TOML) and their
+//! - [`file`](mod@file): tool files (JSON as the Go SDK writes it, or TOML) and their
 //!   validation; [`validate_path`] backs `tailkitd validate`.
 //! - [`model`]: the validated [`Tool`], [`Command`], [`Arg`], and the
 //!   `GET /tools` wire shape.
