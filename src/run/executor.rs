@@ -184,6 +184,11 @@ impl Executor {
             max_output_bytes: command
                 .max_output_bytes
                 .unwrap_or(self.inner.settings.max_output_bytes),
+            user: command
+                .user
+                .clone()
+                .or_else(|| self.inner.settings.command_user.clone())
+                .filter(|u| !u.is_current()),
         };
         let inner = self.inner.clone();
         let tool = tool.to_string();

@@ -7,8 +7,10 @@
 //! - [`executor`]: [`Executor::submit`] prepares the arguments, admits the
 //!   job, records `exec.accepted` and starts it, refusing (and auditing)
 //!   with a [`Refusal`]; results are read and cancelled through it too.
-//! - [`runner`]: one command through the launcher to its end.
-//! - [`spawn`]: the spawner thread that forks every launcher.
+//! - [`runner`]: one command, through the supervisor, to its end.
+//! - [`supervisor`]: the daemon's side of the supervisor process
+//!   (`tailkitd-launch serve`) that starts and contains every command.
+//! - [`spawn`]: the spawner thread that starts the supervisor.
 //! - [`store`]: every job from acceptance until its result expires.
 //! - [`result`]: the job result as the API shows it.
 
@@ -17,6 +19,7 @@ pub mod result;
 pub mod runner;
 pub mod spawn;
 pub mod store;
+pub mod supervisor;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,8 +28,9 @@ pub use executor::{Executor, JobCaller, Refusal};
 pub use result::{JobResult, JobStatus};
 pub use runner::{CancelReason, Runner, RunnerSettings};
 pub use store::JobStore;
+pub use supervisor::CgroupSetting;
 
-use crate::tools::ToolLimits;
+use crate::tools::{RunAs, ToolLimits};
 
 /// Every limit of the run side, with SPEC defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,9 +58,21 @@ pub struct ExecSettings {
     pub max_retained_output_bytes: usize,
     /// Largest argument value (4 KiB).
     pub max_value_bytes: usize,
-    /// The `tailkitd-launch` executable started as each job's supervisor;
-    /// by default the one next to the running executable.
+    /// The `tailkitd-launch` executable started as each job's launcher
+    /// (jobs without a cgroup); by default the one next to the running
+    /// executable.
     pub launcher: PathBuf,
+    /// The `tailkitd-launch` executable started once as the supervisor;
+    /// by default the one next to the running executable.
+    pub supervisor: PathBuf,
+    /// Where job cgroups go (`auto`).
+    pub cgroup: CgroupSetting,
+    /// The soft limit of open files commands get: the one the daemon was
+    /// started with (the Go runtime raises its own); `None`: unchanged.
+    pub command_nofile: Option<u64>,
+    /// Who commands run as unless their tool file says (`None`: the
+    /// daemon's own user).
+    pub command_user: Option<RunAs>,
 }
 
 impl Default for ExecSettings {
@@ -75,6 +91,10 @@ impl Default for ExecSettings {
             max_retained_output_bytes: 256 << 20,
             max_value_bytes: tools.max_value_bytes,
             launcher: default_launcher(),
+            supervisor: default_launcher(),
+            cgroup: CgroupSetting::Auto,
+            command_nofile: None,
+            command_user: None,
         }
     }
 }
@@ -95,6 +115,7 @@ impl ExecSettings {
             max_timeout: self.max_timeout,
             max_value_bytes: self.max_value_bytes,
             max_output_bytes: self.max_declared_output_bytes,
+            check_user_switch: true,
         }
     }
 
@@ -106,7 +127,10 @@ impl ExecSettings {
     /// The runner's part of the settings.
     pub fn runner_settings(&self) -> RunnerSettings {
         RunnerSettings {
+            supervisor: self.supervisor.clone(),
             launcher: self.launcher.clone(),
+            cgroup: self.cgroup.clone(),
+            command_nofile: self.command_nofile,
             kill_grace: self.kill_grace,
             drain_after_exit: self.drain_after_exit,
         }

@@ -2,32 +2,35 @@
 //! clean environment, its own process group, output caps, timeout and
 //! cancellation with SIGTERM then SIGKILL of every descendant.
 //!
-//! Commands are started by the launcher (`tailkitd-launch`, the
-//! `tailkitd-launch` crate), forked by one long-lived
-//! [spawner thread](super::spawn). The runner talks to it over the status
-//! socket: the command's start and end come from there (not from the
-//! launcher's exit status), and `term`/`kill` go there; the launcher does
-//! the signalling, so that descendants which left the command's process
-//! group are reached too, and a daemon killed with SIGKILL takes its
-//! commands with it.
+//! Commands are started by the [supervisor](super::supervisor)
+//! (`tailkitd-launch serve`, one process the daemon starts once): inside a
+//! cgroup of their own, or through a per-job launcher. The runner hands it
+//! the job with the job's end of a *status socket* and the output pipes,
+//! and then talks over the status socket only: the command's start and end
+//! come from there, and `term`/`kill` go there; the supervisor (or the
+//! job's launcher) does the signalling, so that descendants which left the
+//! command's process group are reached too, and a daemon killed with
+//! SIGKILL takes its commands with it. The other end closing is the end
+//! of the job's containment.
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use tailkitd_launch::{LAUNCHER_NAME, Order, Status, proc_stat, proc_stats};
+use tailkitd_launch::{JobRequest, LAUNCHER_NAME, Order, Status, proc_stat, proc_stats};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::spawn::{resolve_program, spawn_from_spawner_thread};
+use super::spawn::resolve_program;
+use super::supervisor::{CgroupSetting, Submitted, Supervisor, SupervisorSettings};
+use crate::tools::RunAs;
 
 /// Why a running command was stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +60,14 @@ impl CancelReason {
 /// Runner settings (see [`super::ExecSettings`] for the defaults).
 #[derive(Debug, Clone)]
 pub struct RunnerSettings {
-    /// The `tailkitd-launch` executable started as each job's supervisor.
+    /// The `tailkitd-launch` executable started as the supervisor.
+    pub supervisor: PathBuf,
+    /// The per-job launcher of jobs without a cgroup (`tailkitd-launch`).
     pub launcher: PathBuf,
+    /// Where job cgroups go.
+    pub cgroup: CgroupSetting,
+    /// The soft limit of open files commands get (`None`: the daemon's).
+    pub command_nofile: Option<u64>,
     /// Time between SIGTERM and SIGKILL on timeout or cancel.
     pub kill_grace: Duration,
     /// How long output is still drained after the main process exited
@@ -89,6 +98,8 @@ pub struct RunSpec {
     pub timeout: Duration,
     /// Bytes kept per stream.
     pub max_output_bytes: usize,
+    /// Who it runs as (`None`: the daemon's user).
+    pub user: Option<RunAs>,
 }
 
 /// How the process ended.
@@ -199,12 +210,22 @@ enum Stage {
 #[derive(Debug, Clone)]
 pub struct Runner {
     settings: RunnerSettings,
+    supervisor: Arc<Supervisor>,
 }
 
 impl Runner {
-    /// A runner with `settings`.
+    /// A runner with `settings`; its supervisor starts with the first job.
     pub fn new(settings: RunnerSettings) -> Self {
-        Runner { settings }
+        let supervisor = Arc::new(Supervisor::new(SupervisorSettings {
+            program: settings.supervisor.clone(),
+            launcher: settings.launcher.clone(),
+            cgroup: settings.cgroup.clone(),
+            nofile: settings.command_nofile,
+        }));
+        Runner {
+            settings,
+            supervisor,
+        }
     }
 
     /// Runs `spec` through the launcher to its end: until the main process
@@ -244,53 +265,61 @@ impl Runner {
             );
             return early_end(RunEnd::Error(e), None);
         }
-        let (status_socket, launcher_end) = match status_socket_pair() {
+        let (status_socket, theirs) = match status_socket_pair() {
             Ok(pair) => pair,
             Err(e) => {
                 let e = format!("could not start: no status socket: {e}");
                 return early_end(RunEnd::Error(e), None);
             }
         };
-
-        let mut command = tokio::process::Command::new(&self.settings.launcher);
-        command
-            .arg(std::process::id().to_string())
-            .arg(&program)
-            .args(&spec.argv)
-            .env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::from(OwnedFd::from(launcher_end)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(false);
-        if let Some(dir) = &spec.workdir {
-            command.current_dir(dir);
-        }
-        let mut launcher = match spawn_from_spawner_thread(command).await {
-            Ok(child) => child,
+        let pipes = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).and_then(|out| {
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map(|err| (out, err))
+        });
+        let ((out_read, out_write), (err_read, err_write)) = match pipes {
+            Ok(pipes) => pipes,
+            Err(e) => return early_end(RunEnd::Error(format!("could not start: pipe: {e}")), None),
+        };
+        let request = JobRequest {
+            name: String::new(),
+            program: program.to_string_lossy().into_owned(),
+            argv: spec.argv.clone(),
+            env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            workdir: spec
+                .workdir
+                .as_ref()
+                .map(|d| d.to_string_lossy().into_owned()),
+            credentials: spec.user.as_ref().map(RunAs::credentials),
+        };
+        let submitted = match self
+            .supervisor
+            .submit(request, [OwnedFd::from(theirs), out_write, err_write])
+            .await
+        {
+            Ok(submitted) => submitted,
             Err(e) => return early_end(RunEnd::Error(format!("could not start: {e}")), None),
         };
         let mut on_start = Some(on_start);
         let mut started_at = None;
-        let launcher_pid = launcher
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw);
 
         let stdout = Arc::new(Mutex::new(Output::default()));
         let stderr = Arc::new(Mutex::new(Output::default()));
         let mut drains = JoinSet::new();
-        if let Some(out) = launcher.stdout.take() {
-            drains.spawn(drain(out, spec.max_output_bytes, stdout.clone()));
-        }
-        if let Some(err) = launcher.stderr.take() {
-            drains.spawn(drain(err, spec.max_output_bytes, stderr.clone()));
+        for (pipe, into) in [(out_read, &stdout), (err_read, &stderr)] {
+            match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
+                Ok(reader) => {
+                    drains.spawn(drain(reader, spec.max_output_bytes, into.clone()));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read a command's output"),
+            }
         }
 
         let (reader, mut orders) = status_socket.into_split();
         let mut statuses = BufReader::new(reader).lines();
-        let mut group = None;
+        let mut job = Contained {
+            submitted,
+            group: None,
+            launcher: None,
+        };
         let mut cancelled = None;
         let mut stage = Stage::Running;
         let mut launcher_error = None;
@@ -302,14 +331,22 @@ impl Runner {
             tokio::select! {
                 line = statuses.next_line() => match line {
                     Ok(Some(line)) => match Status::parse(&line) {
+                        Some(Status::Started(pid)) if pid <= 1 => {
+                            // killpg(0) would hit the daemon's own group,
+                            // killpg(1) every process.
+                            break RunEnd::Error(format!(
+                                "could not start: {LAUNCHER_NAME} reported an impossible pid {pid}"
+                            ));
+                        }
                         Some(Status::Started(pid)) => {
-                            group = Some(ProgramGroup::started(pid));
+                            job.group = Some(ProgramGroup::started(pid));
                             let now = SystemTime::now();
                             started_at = Some(now);
                             if let Some(on_start) = on_start.take() {
                                 on_start(now);
                             }
                         }
+                        Some(Status::Launcher(pid)) if pid > 1 => job.launcher = Some(Pid::from_raw(pid)),
                         Some(Status::Exited(code)) => break RunEnd::Exited(code),
                         Some(Status::Signaled(signal)) => break RunEnd::Signaled(signal),
                         Some(Status::SpawnError { message, .. }) => {
@@ -318,7 +355,7 @@ impl Runner {
                                 program.display()
                             ));
                         }
-                        Some(Status::Error(message)) if group.is_none() => {
+                        Some(Status::Error(message)) if job.group.is_none() => {
                             break RunEnd::Error(format!(
                                 "could not start: {LAUNCHER_NAME}: {message}"
                             ));
@@ -326,25 +363,22 @@ impl Runner {
                         Some(Status::Error(message)) => {
                             // After the start, only an incomplete sweep
                             // (the program itself may be stuck, in D
-                            // state); the launcher's exit follows.
-                            sweep_incomplete(group, &message);
+                            // state); the end of the socket follows.
+                            job.sweep_incomplete(&message);
                             launcher_error = Some(message);
                         }
-                        None => tracing::warn!(line, "unexpected status line from the launcher"),
+                        _ => tracing::warn!(line, "unexpected status line from the launcher"),
                     },
                     Ok(None) | Err(_) => {
-                        // The launcher died (SIGKILL, the OOM killer) or
-                        // broke the protocol: nobody sweeps, and the
-                        // command, now a child of init, would run on.
-                        if let Some(group) = group.filter(ProgramGroup::kill) {
-                            tracing::warn!(
-                                pgid = group.pgid,
-                                "the launcher is gone; killed the command's process group"
-                            );
+                        // The launcher or the supervisor died (SIGKILL, the
+                        // OOM killer) or broke the protocol: nobody sweeps,
+                        // and the command, now a child of init, would run on.
+                        if job.kill_directly() {
+                            tracing::warn!("the launcher is gone; killed the command");
                         }
                         break RunEnd::Error(match launcher_error.take() {
                             Some(message) => format!("{LAUNCHER_NAME}: {message}"),
-                            None => launcher_died(&mut launcher).await,
+                            None => job.died_message(),
                         });
                     }
                 },
@@ -366,19 +400,20 @@ impl Runner {
                 }
                 () = &mut exit_limit, if stage == Stage::Killing => {
                     stage = Stage::Forced;
-                    force_kill(launcher_pid, group);
+                    job.force_kill();
                 }
             }
         };
 
+        let mut closed = false;
         if stage == Stage::Terminating {
             // `term` was sent and the main process is gone (it usually
             // dies of the SIGTERM at once): the rest of the command still
             // gets the whole grace period, unless it ends first and the
-            // launcher exits by itself. Output is read meanwhile.
+            // job's containment ends by itself. Output is read meanwhile.
             tokio::select! {
                 () = &mut grace => {}
-                _ = launcher.wait() => {}
+                () = until_closed(&mut statuses, &job) => closed = true,
             }
         } else {
             // The main process is gone: give the pipes a moment to empty
@@ -386,30 +421,18 @@ impl Runner {
             let _ =
                 tokio::time::timeout(self.settings.drain_after_exit, join_all(&mut drains)).await;
         }
-        // Then have the launcher kill whatever is left, and keep what was
-        // read.
+        // Then have whatever is left killed, and keep what was read.
         if stage < Stage::Killing {
             send(&mut orders, Order::Kill).await;
         }
-        if tokio::time::timeout(LAUNCHER_EXIT_LIMIT, launcher.wait())
-            .await
-            .is_err()
+        if !closed
+            && tokio::time::timeout(LAUNCHER_EXIT_LIMIT, until_closed(&mut statuses, &job))
+                .await
+                .is_err()
         {
-            force_kill(launcher_pid, group);
-            let _ = launcher.wait().await;
+            job.force_kill();
+            let _ = tokio::time::timeout(FINAL_DRAIN, until_closed(&mut statuses, &job)).await;
         }
-        // The launcher is gone, and with it its end of the status socket:
-        // what it said after the command's end is all buffered. An
-        // incomplete sweep (a fork storm outran it) gets a last SIGKILL of
-        // the command's process group from here.
-        let late = async {
-            while let Ok(Some(line)) = statuses.next_line().await {
-                if let Some(Status::Error(message)) = Status::parse(&line) {
-                    sweep_incomplete(group, &message);
-                }
-            }
-        };
-        let _ = tokio::time::timeout(FINAL_DRAIN, late).await;
         let _ = tokio::time::timeout(FINAL_DRAIN, join_all(&mut drains)).await;
         drains.abort_all();
         let take = |o: &Arc<Mutex<Output>>| std::mem::take(&mut *lock(o));
@@ -425,9 +448,24 @@ impl Runner {
     }
 }
 
+/// Reads the status socket until the other end is closed (the job's
+/// containment is over: its launcher exited, or the supervisor removed
+/// its cgroup). An incomplete sweep said on the way (a fork storm outran
+/// it) gets a last SIGKILL of the command from here.
+async fn until_closed(
+    statuses: &mut tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    job: &Contained,
+) {
+    while let Ok(Some(line)) = statuses.next_line().await {
+        if let Some(Status::Error(message)) = Status::parse(&line) {
+            job.sweep_incomplete(&message);
+        }
+    }
+}
+
 /// The status socket: the runner's end (non-blocking, for tokio) and the
-/// launcher's end (its stdin). Both are close-on-exec, so no other
-/// launcher inherits them.
+/// job's end (the launcher's stdin, or the supervisor's). Both are
+/// close-on-exec, so no command inherits them.
 fn status_socket_pair() -> io::Result<(UnixStream, std::os::unix::net::UnixStream)> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     ours.set_nonblocking(true)?;
@@ -440,37 +478,68 @@ async fn send(orders: &mut OwnedWriteHalf, order: Order) {
     let _ = orders.write_all(order.line()).await;
 }
 
-/// The error of a job whose launcher closed the status socket before
-/// reporting how the command ended.
-async fn launcher_died(launcher: &mut tokio::process::Child) -> String {
-    let how = match tokio::time::timeout(LAUNCHER_DIED_WAIT, launcher.wait()).await {
-        Ok(Ok(status)) => format!(" ({status})"),
-        _ => String::new(),
-    };
-    format!("the launcher ({LAUNCHER_NAME}) died before reporting how the command ended{how}")
+/// One running job as the runner knows it, for killing it without its
+/// launcher or supervisor when they die or hang.
+struct Contained {
+    submitted: Submitted,
+    /// From `started`.
+    group: Option<ProgramGroup>,
+    /// From `launcher` (jobs without a cgroup).
+    launcher: Option<Pid>,
 }
 
-/// The launcher gave up its sweep (`message` says what is left): one more
-/// SIGKILL of the command's process group, from the daemon.
-fn sweep_incomplete(group: Option<ProgramGroup>, message: &str) {
-    let killed = group.is_some_and(|g| g.kill());
-    tracing::warn!(message, killed, "the launcher could not kill everything");
+impl Contained {
+    /// Kills the command without its launcher or supervisor: its job
+    /// cgroup (everything in it) and its process group. Returns whether
+    /// anything was there to kill.
+    fn kill_directly(&self) -> bool {
+        let cgroup = self.submitted.cgroup.as_deref().is_some_and(kill_cgroup);
+        let group = self.group.is_some_and(|g| g.kill());
+        cgroup || group
+    }
+
+    /// The error of a job whose status socket closed before it said how
+    /// the command ended.
+    fn died_message(&self) -> String {
+        let supervisor = if self.submitted.instance.exited() {
+            " (the supervisor died)"
+        } else {
+            ""
+        };
+        format!(
+            "the launcher ({LAUNCHER_NAME}) died before reporting how the command ended{supervisor}"
+        )
+    }
+
+    /// A sweep gave up (`message` says what is left): one more SIGKILL of
+    /// the command, from the daemon.
+    fn sweep_incomplete(&self, message: &str) {
+        let killed = self.kill_directly();
+        tracing::warn!(message, killed, "the launcher could not kill everything");
+    }
+
+    /// The fallback when the job's containment does not end after `kill`:
+    /// SIGKILL to its launcher (or to the supervisor, when the supervisor
+    /// holds the job itself and has stopped answering), and to the
+    /// command's cgroup and process group.
+    fn force_kill(&self) {
+        tracing::warn!(
+            launcher = self.launcher.map(Pid::as_raw),
+            "the launcher did not end the job in time; killing it and the command"
+        );
+        match self.launcher {
+            Some(pid) => {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+            None => self.submitted.instance.kill(),
+        }
+        self.kill_directly();
+    }
 }
 
-/// The fallback when the launcher does not exit after `kill`: SIGKILL to
-/// it and to the command's process group. Descendants outside the group
-/// may survive this; it only happens if the launcher hangs.
-fn force_kill(launcher: Option<Pid>, program: Option<ProgramGroup>) {
-    tracing::warn!(
-        launcher = launcher.map(Pid::as_raw),
-        "the launcher did not exit in time; killing it and the command's process group"
-    );
-    if let Some(pid) = launcher {
-        let _ = kill(pid, Signal::SIGKILL);
-    }
-    if let Some(group) = program {
-        group.kill();
-    }
+/// Writes `cgroup.kill` of `dir`; whether it was written.
+fn kill_cgroup(dir: &Path) -> bool {
+    std::fs::write(dir.join("cgroup.kill"), b"1").is_ok()
 }
 
 /// The command's process group, for killing it without the launcher

@@ -1,5 +1,6 @@
-//! Forking: the one long-lived thread that starts every launcher, and
-//! where a command's program is found.
+//! The one long-lived thread that starts the supervisor (whose
+//! parent-death signal follows it), and where a command's program is
+//! found.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -34,40 +35,22 @@ pub fn resolve_program(program: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("{program}: executable file not found in {FIXED_PATH}"))
 }
 
-struct SpawnRequest {
-    command: tokio::process::Command,
-    runtime: tokio::runtime::Handle,
-    reply: oneshot::Sender<io::Result<tokio::process::Child>>,
-}
+/// Work for the spawner thread.
+type Task = Box<dyn FnOnce() + Send>;
 
-/// The one thread that forks every command. It lives as long as the
+/// The one thread that starts the supervisor. It lives as long as the
 /// process: the parent-death signal of a child follows the thread that
-/// forked it, so it must never exit while the process lives.
-fn spawner() -> Option<&'static mpsc::Sender<SpawnRequest>> {
-    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+/// created it, so it must never exit while the process lives.
+fn spawner() -> Option<&'static mpsc::Sender<Task>> {
+    static SPAWNER: OnceLock<Option<mpsc::Sender<Task>>> = OnceLock::new();
     SPAWNER
         .get_or_init(|| {
-            let (tx, rx) = mpsc::channel::<SpawnRequest>();
+            let (tx, rx) = mpsc::channel::<Task>();
             let thread = std::thread::Builder::new()
                 .name("tailkitd-spawner".into())
                 .spawn(move || {
-                    for request in rx {
-                        let SpawnRequest {
-                            mut command,
-                            runtime,
-                            reply,
-                        } = request;
-                        let _runtime = runtime.enter();
-                        let result = command.spawn();
-                        // The launcher's end of the status socket must not
-                        // stay open here: its end is how the runner learns
-                        // that the launcher died.
-                        drop(command);
-                        // If the run was dropped meanwhile, so was its end
-                        // of the status socket: the launcher kills what it
-                        // started and exits, and the child is reaped by
-                        // tokio once dropped here.
-                        let _ = reply.send(result);
+                    for task in rx {
+                        task();
                     }
                 })
                 .ok();
@@ -76,21 +59,24 @@ fn spawner() -> Option<&'static mpsc::Sender<SpawnRequest>> {
         .as_ref()
 }
 
-pub(super) async fn spawn_from_spawner_thread(
-    command: tokio::process::Command,
-) -> io::Result<tokio::process::Child> {
+/// Runs `f` on the spawner thread and returns what it returns.
+///
+/// # Errors
+///
+/// When the spawner thread could not be started or is gone.
+pub(super) async fn run_on_spawner_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
     let spawner = spawner().ok_or_else(|| io::Error::other("no spawner thread"))?;
     let (reply, response) = oneshot::channel();
     spawner
-        .send(SpawnRequest {
-            command,
-            runtime: tokio::runtime::Handle::current(),
-            reply,
-        })
+        .send(Box::new(move || {
+            let _ = reply.send(f());
+        }))
         .map_err(|_| io::Error::other("the spawner thread is gone"))?;
     response
         .await
-        .map_err(|_| io::Error::other("the spawner thread is gone"))?
+        .map_err(|_| io::Error::other("the spawner thread is gone"))
 }
 
 #[cfg(test)]

@@ -75,6 +75,27 @@ pub struct ToolRaw {
     tsnet_host: String,
     #[serde(default, deserialize_with = "null_as_default")]
     commands: Vec<CommandRaw>,
+    #[serde(default)]
+    user: Option<IdRaw>,
+    #[serde(default)]
+    group: Option<IdRaw>,
+}
+
+/// A user or group as written: a name or a number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum IdRaw {
+    Number(u32),
+    Name(String),
+}
+
+impl IdRaw {
+    fn text(&self) -> String {
+        match self {
+            IdRaw::Number(n) => n.to_string(),
+            IdRaw::Name(s) => s.clone(),
+        }
+    }
 }
 
 /// A command as written.
@@ -98,6 +119,10 @@ pub struct CommandRaw {
     workdir: Option<String>,
     #[serde(default)]
     max_output_bytes: Option<i64>,
+    #[serde(default)]
+    user: Option<IdRaw>,
+    #[serde(default)]
+    group: Option<IdRaw>,
 }
 
 /// A timeout as written: Go's integer nanoseconds or a duration string.
@@ -317,6 +342,7 @@ impl Validator<'_> {
 
     fn tool(&mut self, raw: ToolRaw) -> Tool {
         self.name("name".into(), &raw.name);
+        let tool_user = self.user("", raw.user.as_ref(), raw.group.as_ref());
         let mut seen = BTreeSet::new();
         let mut commands = Vec::with_capacity(raw.commands.len());
         for (i, c) in raw.commands.into_iter().enumerate() {
@@ -327,7 +353,9 @@ impl Validator<'_> {
                     format!("command {:?} is declared twice", c.name),
                 );
             }
-            commands.push(Arc::new(self.command(&field, c)));
+            let mut command = self.command(&field, c);
+            command.user = command.user.or_else(|| tool_user.clone());
+            commands.push(Arc::new(command));
         }
         Tool {
             name: raw.name,
@@ -353,6 +381,7 @@ impl Validator<'_> {
             args.push(self.arg(&afield, a));
         }
         let template = self.exec_parts(field, &raw.exec_parts, &args);
+        let user = self.user(&format!("{field}."), raw.user.as_ref(), raw.group.as_ref());
         let timeout = self.timeout(&format!("{field}.timeout"), raw.timeout);
         for (name, value) in &raw.env {
             self.env_var(&format!("{field}.env.{name}"), name, value);
@@ -395,6 +424,43 @@ impl Validator<'_> {
             env: raw.env,
             workdir,
             max_output_bytes,
+            user,
+        }
+    }
+
+    /// The user of a tool or command (`prefix` names which in problems):
+    /// resolved, and (for the daemon) one it can switch to. A `group`
+    /// needs a `user`.
+    fn user(
+        &mut self,
+        prefix: &str,
+        user: Option<&IdRaw>,
+        group: Option<&IdRaw>,
+    ) -> Option<super::RunAs> {
+        let group = group.map(IdRaw::text);
+        let Some(user) = user.map(IdRaw::text) else {
+            if group.is_some() {
+                self.problem(format!("{prefix}group"), "a group needs a user");
+            }
+            return None;
+        };
+        let resolved = super::users::resolve(&user, group.as_deref());
+        let field = match &resolved {
+            Err(e) if e.contains("group") && group.is_some() => format!("{prefix}group"),
+            _ => format!("{prefix}user"),
+        };
+        let checked = resolved.and_then(|run_as| {
+            if self.limits.check_user_switch {
+                super::users::check_switch(&run_as)?;
+            }
+            Ok(run_as)
+        });
+        match checked {
+            Ok(run_as) => Some(run_as),
+            Err(e) => {
+                self.problem(field, e);
+                None
+            }
         }
     }
 

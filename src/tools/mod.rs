@@ -10,6 +10,7 @@
 //! - [`registry`]: the live, atomically swapped index of a tools directory.
 //! - [`args`]: argument validation and argv substitution for one request.
 //! - [`duration`], [`pattern`]: Go's duration syntax and regex semantics.
+//! - [`users`]: who commands run as (`user`/`group`, `command_user`).
 
 pub mod args;
 pub mod duration;
@@ -17,6 +18,7 @@ pub mod file;
 pub mod model;
 pub mod pattern;
 pub mod registry;
+pub mod users;
 
 use std::time::Duration;
 
@@ -24,6 +26,7 @@ pub use args::{ArgError, Prepared, prepare, redact_args};
 pub use file::{Format, Problem, load_dir, load_file, parse_str, validate_path};
 pub use model::{Arg, ArgType, Command, Tool};
 pub use registry::{ExecEntry, Registry, RegistryError, WatchGuard};
+pub use users::RunAs;
 
 /// The largest `timeout` a tool file may declare by default (1 h).
 pub const DEFAULT_MAX_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -43,6 +46,10 @@ pub struct ToolLimits {
     /// Largest `max_output_bytes` a command may declare, per stream
     /// (64 MiB): it bounds the memory one job may hold.
     pub max_output_bytes: usize,
+    /// Whether a `user`/`group` the daemon could not switch to is a
+    /// problem (the daemon: yes; `tailkitd validate`, which may run as
+    /// someone else: only users and groups that do not exist are).
+    pub check_user_switch: bool,
 }
 
 impl Default for ToolLimits {
@@ -51,6 +58,7 @@ impl Default for ToolLimits {
             max_timeout: DEFAULT_MAX_TIMEOUT,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             max_output_bytes: DEFAULT_MAX_DECLARED_OUTPUT_BYTES,
+            check_user_switch: false,
         }
     }
 }

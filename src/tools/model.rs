@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::pattern::ArgPattern;
+use super::users::RunAs;
 
 /// A validated tool: a named group of commands from one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,9 @@ pub struct Command {
     pub workdir: Option<PathBuf>,
     /// Extension: per-stream output cap overriding the daemon's.
     pub max_output_bytes: Option<usize>,
+    /// Extension: who it runs as (the command's `user`/`group`, else the
+    /// tool's); `None`: the daemon's `command_user`, else the daemon's own.
+    pub user: Option<RunAs>,
 }
 
 /// One piece of an argv element.

@@ -26,7 +26,7 @@ use common::*;
 use serde_json::{Value, json};
 use tailkitd::identity::Identity;
 use tailkitd::run::runner::{RunEnd, RunSpec};
-use tailkitd::run::{ExecSettings, Runner};
+use tailkitd::run::{CgroupSetting, ExecSettings, Runner};
 use tailkitd::server::{IdentityResolver, serve_connection};
 use tailkitd::tools::{Registry, ToolLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

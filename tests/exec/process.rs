@@ -155,6 +155,7 @@ async fn a_launcher_that_ignores_kill_is_killed_after_a_while() {
         json!([]),
         ExecSettings {
             launcher,
+            cgroup: CgroupSetting::Off,
             ..settings()
         },
     );
@@ -229,6 +230,7 @@ async fn a_launcher_that_dies_without_a_status_fails_the_job() {
         json!([]),
         ExecSettings {
             launcher: "/bin/true".into(),
+            cgroup: CgroupSetting::Off,
             ..settings()
         },
     );
@@ -277,6 +279,7 @@ async fn a_command_that_cannot_start_never_runs() {
                 workdir: None,
                 timeout: LONG,
                 max_output_bytes: 1024,
+                user: None,
             },
             cancelled,
             |at| started = Some(at),
@@ -316,6 +319,7 @@ exit 1
     .unwrap();
     let runner = Runner::new(tailkitd::run::RunnerSettings {
         launcher,
+        cgroup: CgroupSetting::Off,
         ..settings().runner_settings()
     });
     let (_cancel, cancelled) = tokio::sync::watch::channel(None);
@@ -327,6 +331,7 @@ exit 1
                 workdir: None,
                 timeout: LONG,
                 max_output_bytes: 1024,
+                user: None,
             },
             cancelled,
             |_| {},

@@ -12,5 +12,8 @@
 mod procfs;
 mod protocol;
 
-pub use procfs::{ProcStat, proc_stat, proc_stats};
-pub use protocol::{LAUNCHER_NAME, Order, SWEEP_LIMIT, Status};
+pub use procfs::{ProcStat, cgroup_dir_of, proc_stat, proc_stats};
+pub use protocol::{
+    Credentials, Hello, JobRequest, LAUNCHER_NAME, MAX_JOB_MESSAGE, Order, SWEEP_LIMIT, Status,
+    valid_job_name,
+};

@@ -1,9 +1,12 @@
 //! The status socket's two line protocols: [`Status`] lines from the
 //! supervisor to the daemon, [`Order`] lines from the daemon to the
-//! supervisor.
+//! supervisor; and the control socket's messages: one [`JobRequest`] per
+//! job from the daemon, one [`Hello`] from the supervisor when it starts.
 
 use std::fmt;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 /// The launcher's file name; the daemon looks for it next to itself.
 pub const LAUNCHER_NAME: &str = "tailkitd-launch";
@@ -19,6 +22,10 @@ pub enum Status {
     /// `started PID`: the program runs, as process `PID`, leader of process
     /// group `PID`.
     Started(i32),
+    /// `launcher PID`: the job's own launcher runs as process `PID` (sent
+    /// by the supervisor when it starts one, so that the daemon can kill a
+    /// launcher that hangs).
+    Launcher(i32),
     /// `spawn-error ERRNO TEXT`: the program could not be executed (no
     /// such file, permission denied, exec format error, ...). Final.
     SpawnError {
@@ -46,6 +53,7 @@ impl Status {
         let number = || rest.parse::<i32>().ok();
         match word {
             "started" => number().map(Status::Started),
+            "launcher" => number().map(Status::Launcher),
             "exited" => number().map(Status::Exited),
             "signaled" => number().map(Status::Signaled),
             "spawn-error" => {
@@ -67,6 +75,7 @@ impl fmt::Display for Status {
         let one_line = |s: &str| s.replace(['\n', '\r'], " ");
         match self {
             Status::Started(pid) => write!(f, "started {pid}"),
+            Status::Launcher(pid) => write!(f, "launcher {pid}"),
             Status::SpawnError { errno, message } => {
                 write!(f, "spawn-error {errno} {}", one_line(message))
             }
@@ -107,9 +116,88 @@ impl Order {
     }
 }
 
-/// The launcher's `main`: runs it with this process's arguments and
-/// returns the code to exit with (0 once the job is over, 1 if a sweep gave
-/// up, 125 when nothing could be started).
+/// The largest control message (a job's header) the supervisor accepts.
+pub const MAX_JOB_MESSAGE: usize = 256 << 10;
+
+/// One job, as the daemon hands it to the supervisor: this header (JSON)
+/// in one `SOCK_SEQPACKET` message on the control socket, with three
+/// descriptors passed alongside (`SCM_RIGHTS`), in this order: the job's
+/// end of its status socket, and the write ends of its stdout and stderr
+/// pipes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRequest {
+    /// The name of the job's cgroup (`[A-Za-z0-9_.-]`, at most 64 bytes).
+    pub name: String,
+    /// The program to execute (an absolute path).
+    pub program: String,
+    /// Its argv, `argv[0]` included.
+    pub argv: Vec<String>,
+    /// Its whole environment, `KEY=VALUE` each.
+    pub env: Vec<String>,
+    /// Its working directory, if not `/`.
+    pub workdir: Option<String>,
+    /// Who it runs as, if not the supervisor's own user.
+    pub credentials: Option<Credentials>,
+}
+
+/// The user and groups a command runs as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// User id (real, effective and saved).
+    pub uid: u32,
+    /// Group id (real, effective and saved).
+    pub gid: u32,
+    /// Supplementary groups (empty: none).
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    /// The command-line form `UID:GID:G1,G2` (`UID:GID:` without
+    /// supplementary groups).
+    pub fn to_arg(&self) -> String {
+        let groups: Vec<String> = self.groups.iter().map(u32::to_string).collect();
+        format!("{}:{}:{}", self.uid, self.gid, groups.join(","))
+    }
+
+    /// Parses [`Credentials::to_arg`]'s form.
+    pub fn parse_arg(arg: &str) -> Option<Credentials> {
+        let mut parts = arg.splitn(3, ':');
+        let uid = parts.next()?.parse().ok()?;
+        let gid = parts.next()?.parse().ok()?;
+        let groups = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|g| g.parse().ok())
+                .collect::<Option<Vec<u32>>>()?,
+        };
+        Some(Credentials { uid, gid, groups })
+    }
+}
+
+/// What the supervisor says first on the control socket, once it is ready
+/// for jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The supervisor's pid.
+    pub pid: i32,
+    /// The directory holding its job cgroups, when it contains jobs with
+    /// cgroups; `None` when every job gets a launcher of its own.
+    pub cgroup: Option<String>,
+    /// Why there are no job cgroups, when they were asked for.
+    pub fallback_reason: Option<String>,
+}
+
+/// Whether `name` may name a job's cgroup.
+pub fn valid_job_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +206,7 @@ mod tests {
     fn statuses_and_orders_round_trip() {
         for status in [
             Status::Started(42),
+            Status::Launcher(43),
             Status::SpawnError {
                 errno: 8,
                 message: "Exec format error".into(),
@@ -141,5 +230,34 @@ mod tests {
             assert_eq!(Order::parse(&line[..line.len() - 1]), Some(order));
         }
         assert_eq!(Order::parse(b"stop"), None);
+    }
+
+    #[test]
+    fn credentials_round_trip_as_an_argument() {
+        for c in [
+            Credentials {
+                uid: 65534,
+                gid: 65534,
+                groups: vec![],
+            },
+            Credentials {
+                uid: 1000,
+                gid: 100,
+                groups: vec![100, 27, 4],
+            },
+        ] {
+            assert_eq!(Credentials::parse_arg(&c.to_arg()), Some(c));
+        }
+        for bad in ["", "1", "1:2", "x:2:", "1:2:3,x", "1:2:,"] {
+            assert_eq!(Credentials::parse_arg(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn job_names_are_single_path_components() {
+        assert!(valid_job_name("job-1.a_b"));
+        for bad in ["", ".", "..", "a/b", &"x".repeat(65), ".hidden"] {
+            assert!(!valid_job_name(bad), "{bad:?}");
+        }
     }
 }
