@@ -50,6 +50,7 @@ pub fn launcher() -> std::path::PathBuf {
 pub fn settings() -> ExecSettings {
     ExecSettings {
         launcher: launcher(),
+        supervisor: launcher(),
         kill_grace: Duration::from_millis(300),
         ..ExecSettings::default()
     }

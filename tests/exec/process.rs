@@ -74,7 +74,8 @@ async fn statuses_exit_codes_and_signals_follow_the_spec() {
     let r = d.run(r#"{"script": "echo out; echo err >&2"}"#).await;
     assert_eq!(
         (r["status"].as_str(), r["exit_code"].as_i64()),
-        (Some("completed"), Some(0))
+        (Some("completed"), Some(0)),
+        "{r}"
     );
     assert_eq!(
         (r["stdout"].as_str(), r["stderr"].as_str()),
