@@ -82,6 +82,14 @@ pub struct RunArgs {
     #[arg(long, env = "TAILKITD_SHUTDOWN_GRACE", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
 
+    /// Run commands as this user (USER or USER:GROUP, names or numbers) unless their tool says [default: the daemon's own user]
+    #[arg(long, env = "TAILKITD_COMMAND_USER")]
+    pub command_user: Option<String>,
+
+    /// Job cgroups: auto (under the daemon's own cgroup v2, if writable), off, or a cgroup v2 directory [default: auto]
+    #[arg(long, env = "TAILKITD_CGROUP")]
+    pub cgroup: Option<String>,
+
     /// TOML config file [default: /etc/tailkitd/tailkitd.toml if present]
     #[arg(long, env = "TAILKITD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -115,6 +123,8 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     upload_logs: Option<bool>,
     shutdown_grace: Option<String>,
+    command_user: Option<String>,
+    cgroup: Option<String>,
 }
 
 /// A secret that never shows in `Debug` output or logs.
@@ -163,6 +173,10 @@ pub struct Settings {
     pub upload_logs: bool,
     /// How long running jobs may finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Who commands run as unless their tool file says.
+    pub command_user: Option<crate::tools::RunAs>,
+    /// Where job cgroups go.
+    pub cgroup: crate::run::CgroupSetting,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -276,6 +290,34 @@ impl Settings {
             }
             (None, None) => DEFAULT_SHUTDOWN_GRACE,
         };
+        let command_user = match args.command_user.or(file.command_user) {
+            Some(spec) => Some(
+                crate::tools::users::parse_user_spec(&spec)
+                    .and_then(|u| crate::tools::users::check_switch(&u).map(|()| u))
+                    .map_err(|message| ConfigError::Invalid {
+                        setting: "--command-user",
+                        message,
+                    })?,
+            ),
+            None => None,
+        };
+        let cgroup = match args.cgroup.or(file.cgroup) {
+            Some(text) => {
+                let setting = crate::run::CgroupSetting::parse(&text)
+                    .and_then(|s| match &s {
+                        crate::run::CgroupSetting::Path(dir) => {
+                            crate::run::supervisor::check_cgroup_dir(dir).map(|()| s)
+                        }
+                        _ => Ok(s),
+                    })
+                    .map_err(|message| ConfigError::Invalid {
+                        setting: "--cgroup",
+                        message,
+                    })?;
+                setting
+            }
+            None => crate::run::CgroupSetting::Auto,
+        };
         let audit_log = args
             .audit_log
             .or(file.audit_log)
@@ -295,6 +337,8 @@ impl Settings {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             upload_logs: args.upload_logs.or(file.upload_logs).unwrap_or(false),
             shutdown_grace,
+            command_user,
+            cgroup,
             config_file,
         })
     }
@@ -433,6 +477,27 @@ mod tests {
         assert!(s.auth_key.is_none());
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(s.command_user, None);
+        assert_eq!(s.cgroup, crate::run::CgroupSetting::Auto);
+    }
+
+    #[test]
+    fn command_user_and_cgroup_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config_file(dir.path(), "command_user = \"no-such-user-tk\"\n");
+        let args = RunArgs {
+            config: Some(cfg),
+            ..RunArgs::default()
+        };
+        let err = Settings::resolve(args, no_env, "h").unwrap_err().to_string();
+        assert!(err.starts_with("--command-user:"), "{err}");
+        assert!(err.contains("no-such-user-tk"), "{err}");
+        let cli = Cli::try_parse_from(["t", "--config", "/dev/null", "--cgroup", "/tmp"]).unwrap();
+        let err = Settings::resolve(cli.run, no_env, "h").unwrap_err().to_string();
+        assert!(err.starts_with("--cgroup:") && err.contains("not a cgroup v2"), "{err}");
+        let cli = Cli::try_parse_from(["t", "--config", "/dev/null", "--cgroup", "off"]).unwrap();
+        let s = Settings::resolve(cli.run, no_env, "h").unwrap();
+        assert_eq!(s.cgroup, crate::run::CgroupSetting::Off);
     }
 
     #[test]

@@ -85,8 +85,19 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         mut sigterm,
         mut sigint,
         mut sighup,
-        sigchld: _sigchld,
+        mut sigchld,
     } = install_signal_handlers().map_err(DaemonError::Signals)?;
+    // Commands whose supervisor was killed (by a command of the daemon's
+    // own user) become the daemon's children instead of init's: each one
+    // is killed and reaped at once, and the next job starts a new
+    // supervisor.
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| DaemonError::Signals(std::io::Error::from(e)))?;
+    tokio::spawn(async move {
+        while sigchld.recv().await.is_some() {
+            crate::run::supervisor::reap_adopted();
+        }
+    });
 
     create_state_dir(&settings.state_dir)?;
     let audit =
@@ -99,6 +110,10 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
 
     let exec_settings = ExecSettings {
         max_jobs: settings.max_jobs,
+        command_user: settings.command_user.clone(),
+        cgroup: settings.cgroup.clone(),
+        // Go raised this process's limit; commands get the original back.
+        command_nofile: tailnet::original_nofile_limit(),
         ..ExecSettings::default()
     };
     nix::unistd::access(&exec_settings.launcher, nix::unistd::AccessFlags::X_OK).map_err(
@@ -272,7 +287,7 @@ struct Signals {
     sigterm: tokio::signal::unix::Signal,
     sigint: tokio::signal::unix::Signal,
     sighup: tokio::signal::unix::Signal,
-    /// Kept only so that the handler exists (see below).
+    /// Adopted processes to reap (the daemon is a child subreaper).
     sigchld: tokio::signal::unix::Signal,
 }
 
@@ -283,8 +298,7 @@ fn install_signal_handlers() -> std::io::Result<Signals> {
         sigterm: signal(SignalKind::terminate())?,
         sigint: signal(SignalKind::interrupt())?,
         sighup: signal(SignalKind::hangup())?,
-        // tokio reaps children through pidfds, but falls back to a SIGCHLD
-        // handler where pidfd_open is unavailable; install that handler
+        // Also tokio's fallback where pidfd_open is unavailable; installed
         // now, so that it too gets SA_ONSTACK below (a handler, once
         // installed, stays for the life of the process).
         sigchld: signal(SignalKind::child())?,

@@ -7,6 +7,7 @@
 mod common;
 
 mod args;
+mod isolation;
 mod jobs;
 mod kill;
 mod output;

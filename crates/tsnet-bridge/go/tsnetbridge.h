@@ -57,6 +57,15 @@
 int tsnetbridge_take_log_fd(int *out_fd);
 
 /*
+ * Process limits. The soft and hard RLIMIT_NOFILE this process was started
+ * with: Go's runtime raises the soft limit in every process it lives in
+ * before anything else runs (and remembers the original only for the
+ * children Go itself starts). Always TSNB_OK unless getrlimit fails
+ * (TSNB_EIO).
+ */
+int tsnetbridge_orig_nofile(uint64_t *out_cur, uint64_t *out_max);
+
+/*
  * Nodes.
  * config_json: {"hostname": str, "state_dir": str, "auth_key": str|null,
  *               "control_url": str|null, "ephemeral": bool, "upload_logs": bool}

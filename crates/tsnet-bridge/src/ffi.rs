@@ -22,6 +22,7 @@ pub(crate) const TSNB_ENEEDSLOGIN: c_int = -1000;
 // export `const char *`; the bridge never writes through them.
 unsafe extern "C" {
     fn tsnetbridge_take_log_fd(out_fd: *mut c_int) -> c_int;
+    fn tsnetbridge_orig_nofile(out_cur: *mut u64, out_max: *mut u64) -> c_int;
     fn tsnetbridge_node_new(
         config_json: *const c_char,
         out_node: *mut i64,
@@ -228,6 +229,14 @@ pub(crate) fn take_log_fd() -> Option<OwnedFd> {
     // SAFETY: fd is valid for writes for the duration of the call.
     let rc = unsafe { tsnetbridge_take_log_fd(&mut fd) };
     if rc == TSNB_OK { own_fd(fd).ok() } else { None }
+}
+
+/// The soft and hard RLIMIT_NOFILE the process was started with.
+pub(crate) fn orig_nofile() -> Option<(u64, u64)> {
+    let (mut cur, mut max) = (0u64, 0u64);
+    // SAFETY: both pointers are valid for writes for the duration of the call.
+    let rc = unsafe { tsnetbridge_orig_nofile(&mut cur, &mut max) };
+    (rc == TSNB_OK).then_some((cur, max))
 }
 
 pub(crate) fn node_new(config_json: &str) -> Result<i64, CallError> {

@@ -14,6 +14,8 @@
 //! - `Localnet` (feature `localnet`): a complete tailnet on loopback.
 //! - [`ensure_signal_onstack`]: keeps signal handlers compatible with the Go
 //!   runtime that shares this process.
+//! - [`original_nofile_limit`]: the soft limit of open files the process
+//!   was started with, before the Go runtime raised it.
 //!
 //! Every file descriptor the bridge creates or hands over is close-on-exec,
 //! so child processes inherit no tailnet connection. tsnet's logs are
@@ -36,4 +38,29 @@ pub use listener::{Listener, Stream};
 pub use localnet::{LOGIN_DOMAIN, Localnet, LocalnetOptions, MAGIC_DNS_SUFFIX};
 pub use node::{DEFAULT_DIAL_TIMEOUT, LoopbackProxy, Node, NodeConfig, Status};
 pub use signals::{ensure_signal_onstack, signal_handler_is_onstack};
+
+/// The soft `RLIMIT_NOFILE` this process was started with. The Go runtime
+/// linked in raises the soft limit to (nearly) the hard one in every
+/// process it lives in, before `main`; programs the process starts should
+/// get the original back (Go's own `os/exec` does that for its children).
+/// `None` if it cannot be read.
+pub fn original_nofile_limit() -> Option<u64> {
+    ffi::orig_nofile().map(|(soft, _hard)| soft)
+}
 pub use whois::WhoIs;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_original_nofile_limit_is_at_most_the_raised_one() {
+        let original = super::original_nofile_limit().unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is valid for writes for the duration of the call.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        let soft = limit.rlim_cur;
+        assert!(original > 0 && original <= soft, "{original} > {soft}");
+    }
+}
