@@ -183,9 +183,30 @@ impl DaemonProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> DaemonProcess {
+        DaemonProcess::spawn_wrapped(dir, control_url, auth_key, extra, env, &[])
+    }
+
+    /// [`DaemonProcess::spawn_with_env`] through `wrapper` (a program and
+    /// its arguments that `exec`s the daemon's command line it is given
+    /// after them, e.g. `sh -c '...; exec "$0" "$@"'`).
+    pub fn spawn_wrapped(
+        dir: &Path,
+        control_url: &str,
+        auth_key: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> DaemonProcess {
         let tools = write_tools(dir);
         let audit = dir.join("audit.jsonl");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tailkitd"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(env!("CARGO_BIN_EXE_tailkitd"));
+                cmd
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_tailkitd")),
+        };
         cmd.args(["run", "--hostname", HOST])
             .args(if extra.contains(&"--config") {
                 &[][..]

@@ -10,6 +10,7 @@ mod common;
 mod audit;
 mod calls;
 mod cli;
+mod isolation;
 mod lifecycle;
 
 use std::path::Path;
