@@ -55,7 +55,9 @@ fn main() {
     println!("per-job cost, {n} jobs per figure (COST_JOBS)");
     let floor1 = floor_one(n);
     let floor16 = floor_concurrent(16, n * 4);
-    println!("floor: local spawn+reap of /bin/true: median {floor1:.3?} one at a time; {floor16:.0} jobs/s from 16 threads");
+    println!(
+        "floor: local spawn+reap of /bin/true: median {floor1:.3?} one at a time; {floor16:.0} jobs/s from 16 threads"
+    );
     for (name, cgroup) in [("auto", CgroupSetting::Auto), ("off", CgroupSetting::Off)] {
         if name == "auto"
             && let Err(reason) = CgroupSetting::Auto.resolve()
@@ -109,7 +111,11 @@ fn cpu_of(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<f64> = stat
         .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().filter_map(|f| f.parse().ok()).collect())
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     // After the command name: state is field 3, utime field 14 (index 11
     // here, the state being skipped as not a number).
@@ -133,7 +139,11 @@ fn supervisors_of(pid: u32) -> Vec<u32> {
 async fn runner_layer(name: &str, cgroup: CgroupSetting, n: usize, floor16: f64) {
     let launcher = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent()?.parent().map(|d| d.join(tailkitd_launch::LAUNCHER_NAME)))
+        .and_then(|exe| {
+            exe.parent()?
+                .parent()
+                .map(|d| d.join(tailkitd_launch::LAUNCHER_NAME))
+        })
         .expect("the launcher next to the bench");
     let settings = ExecSettings {
         launcher: launcher.clone(),
@@ -164,7 +174,10 @@ async fn runner_layer(name: &str, cgroup: CgroupSetting, n: usize, floor16: f64)
     let sup = supervisors_of(me);
     let cpu = |pids: &[u32]| {
         let (own, _) = cpu_of(me);
-        let (sup_own, sup_children) = pids.iter().map(|p| cpu_of(*p)).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let (sup_own, sup_children) = pids
+            .iter()
+            .map(|p| cpu_of(*p))
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
         (own, sup_own, sup_children)
     };
     let c0 = cpu(&sup);
@@ -216,10 +229,19 @@ async fn end_to_end(n: usize, floor1: Duration, floor16: f64) {
     let tools = dir.path().join("tools");
     std::fs::create_dir(&tools).expect("tools dir");
     std::fs::write(tools.join("t.json"), TOOL).expect("tool file");
-    let bin = std::env::var("TAILKITD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tailkitd").into());
+    let bin =
+        std::env::var("TAILKITD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tailkitd").into());
     let mut daemon = KillOnDrop(
         Command::new(&bin)
-            .args(["run", "--hostname", HOST, "--config", "/dev/null", "--max-jobs", "64"])
+            .args([
+                "run",
+                "--hostname",
+                HOST,
+                "--config",
+                "/dev/null",
+                "--max-jobs",
+                "64",
+            ])
             .arg("--state-dir")
             .arg(dir.path().join("daemon"))
             .arg("--tools-dir")
@@ -240,7 +262,10 @@ async fn end_to_end(n: usize, floor1: Duration, floor16: f64) {
         .expect("the daemon came up");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let r = alice.call(HOST, Call::get(HOST, "/tools")).await.expect("GET /tools");
+        let r = alice
+            .call(HOST, Call::get(HOST, "/tools"))
+            .await
+            .expect("GET /tools");
         if r.text.contains("\"true\"") {
             break;
         }
@@ -336,7 +361,11 @@ impl Conn {
     }
 
     async fn timed(&mut self, method: &str, path: &str) -> (Duration, serde_json::Value) {
-        let body = if method == "POST" { &b"{}"[..] } else { &b""[..] };
+        let body = if method == "POST" {
+            &b"{}"[..]
+        } else {
+            &b""[..]
+        };
         let req = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -350,7 +379,11 @@ impl Conn {
         let status = res.status();
         let body = res.into_body().collect().await.expect("body").to_bytes();
         let took = t.elapsed();
-        assert!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            status.is_success(),
+            "{status}: {}",
+            String::from_utf8_lossy(&body)
+        );
         (took, serde_json::from_slice(&body).unwrap_or_default())
     }
 
@@ -364,7 +397,9 @@ impl Conn {
         let t = Instant::now();
         let (_, v) = self.timed("POST", "/exec/t/true").await;
         let id = v["job_id"].as_str().expect("job id").to_string();
-        let (_, v) = self.timed("GET", &format!("/exec/jobs/{id}?wait=10s")).await;
+        let (_, v) = self
+            .timed("GET", &format!("/exec/jobs/{id}?wait=10s"))
+            .await;
         assert_eq!(v["status"], "completed", "{v}");
         t.elapsed()
     }

@@ -302,20 +302,10 @@ impl Settings {
             None => None,
         };
         let cgroup = match args.cgroup.or(file.cgroup) {
-            Some(text) => {
-                let setting = crate::run::CgroupSetting::parse(&text)
-                    .and_then(|s| match &s {
-                        crate::run::CgroupSetting::Path(dir) => {
-                            crate::run::supervisor::check_cgroup_dir(dir).map(|()| s)
-                        }
-                        _ => Ok(s),
-                    })
-                    .map_err(|message| ConfigError::Invalid {
-                        setting: "--cgroup",
-                        message,
-                    })?;
-                setting
-            }
+            Some(text) => parse_cgroup(&text).map_err(|message| ConfigError::Invalid {
+                setting: "--cgroup",
+                message,
+            })?,
             None => crate::run::CgroupSetting::Auto,
         };
         let audit_log = args
@@ -342,6 +332,15 @@ impl Settings {
             config_file,
         })
     }
+}
+
+/// `auto`, `off`, or a cgroup v2 directory this process may write.
+fn parse_cgroup(text: &str) -> Result<crate::run::CgroupSetting, String> {
+    let setting = crate::run::CgroupSetting::parse(text)?;
+    if let crate::run::CgroupSetting::Path(dir) = &setting {
+        crate::run::supervisor::check_cgroup_dir(dir)?;
+    }
+    Ok(setting)
 }
 
 /// A Go duration (`10s`, `1m30s`) of at most an hour.
@@ -489,12 +488,19 @@ mod tests {
             config: Some(cfg),
             ..RunArgs::default()
         };
-        let err = Settings::resolve(args, no_env, "h").unwrap_err().to_string();
+        let err = Settings::resolve(args, no_env, "h")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("--command-user:"), "{err}");
         assert!(err.contains("no-such-user-tk"), "{err}");
         let cli = Cli::try_parse_from(["t", "--config", "/dev/null", "--cgroup", "/tmp"]).unwrap();
-        let err = Settings::resolve(cli.run, no_env, "h").unwrap_err().to_string();
-        assert!(err.starts_with("--cgroup:") && err.contains("not a cgroup v2"), "{err}");
+        let err = Settings::resolve(cli.run, no_env, "h")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--cgroup:") && err.contains("not a cgroup v2"),
+            "{err}"
+        );
         let cli = Cli::try_parse_from(["t", "--config", "/dev/null", "--cgroup", "off"]).unwrap();
         let s = Settings::resolve(cli.run, no_env, "h").unwrap();
         assert_eq!(s.cgroup, crate::run::CgroupSetting::Off);

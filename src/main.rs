@@ -24,6 +24,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once; the size of `RunArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Run the daemon (the default when no subcommand is given).
     Run(RunArgs),

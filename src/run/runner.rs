@@ -452,10 +452,7 @@ impl Runner {
 /// containment is over: its launcher exited, or the supervisor removed
 /// its cgroup). An incomplete sweep said on the way (a fork storm outran
 /// it) gets a last SIGKILL of the command from here.
-async fn until_closed(
-    statuses: &mut tokio::io::Lines<BufReader<OwnedReadHalf>>,
-    job: &Contained,
-) {
+async fn until_closed(statuses: &mut tokio::io::Lines<BufReader<OwnedReadHalf>>, job: &Contained) {
     while let Ok(Some(line)) = statuses.next_line().await {
         if let Some(Status::Error(message)) = Status::parse(&line) {
             job.sweep_incomplete(&message);

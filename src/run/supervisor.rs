@@ -160,7 +160,10 @@ impl Instance {
     /// fails, and the next job starts a new one.
     pub fn kill(&self) {
         if !self.dead.swap(true, Ordering::Relaxed) {
-            tracing::warn!(pid = self.pid.as_raw(), "killing the supervisor, which stopped answering");
+            tracing::warn!(
+                pid = self.pid.as_raw(),
+                "killing the supervisor, which stopped answering"
+            );
             match &self.pidfd {
                 Some(fd) => {
                     let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
@@ -191,7 +194,11 @@ impl Supervisor {
     ///
     /// When no supervisor can be started, or the job cannot be sent (a
     /// command line too long for one message, for one).
-    pub async fn submit(&self, mut request: JobRequest, fds: [OwnedFd; 3]) -> io::Result<Submitted> {
+    pub async fn submit(
+        &self,
+        mut request: JobRequest,
+        fds: [OwnedFd; 3],
+    ) -> io::Result<Submitted> {
         request.name = format!("job-{}", self.jobs.fetch_add(1, Ordering::Relaxed) + 1);
         let message = serde_json::to_vec(&request).map_err(io::Error::other)?;
         for attempt in 0..2 {
@@ -202,7 +209,9 @@ impl Supervisor {
                     return Ok(Submitted { instance, cgroup });
                 }
                 // It died since: once more, with a new one.
-                Err(e) if attempt == 0 && is_gone(&e) => instance.dead.store(true, Ordering::Relaxed),
+                Err(e) if attempt == 0 && is_gone(&e) => {
+                    instance.dead.store(true, Ordering::Relaxed)
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
                     return Err(io::Error::other(format!(
                         "the command line and environment are too long ({} bytes)",
@@ -231,7 +240,10 @@ impl Supervisor {
             Ok(dir) => Some(dir),
             Err(reason) => {
                 if self.settings.cgroup != CgroupSetting::Off {
-                    tracing::warn!(reason, "no job cgroups: every job gets a launcher of its own");
+                    tracing::warn!(
+                        reason,
+                        "no job cgroups: every job gets a launcher of its own"
+                    );
                 }
                 None
             }
@@ -243,11 +255,12 @@ impl Supervisor {
             None,
         )?;
         let settings = self.settings.clone();
-        let pid = run_on_spawner_thread(move || spawn_supervisor(&settings, cgroup, theirs))
-            .await??;
+        let pid =
+            run_on_spawner_thread(move || spawn_supervisor(&settings, cgroup, theirs)).await??;
         registry().insert(pid.as_raw());
-        let pidfd = rustix::process::Pid::from_raw(pid.as_raw())
-            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+        let pidfd = rustix::process::Pid::from_raw(pid.as_raw()).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
         let control = UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(ours))?;
         let hello = match tokio::time::timeout(HELLO_LIMIT, receive_hello(&control)).await {
             Ok(Ok(hello)) => hello,
@@ -255,13 +268,18 @@ impl Supervisor {
                 let _ = kill(pid, Signal::SIGKILL);
                 reap_in_background(pid, None);
                 return Err(io::Error::other(match failed {
-                    Ok(Err(e)) => format!("the supervisor ({LAUNCHER_NAME} serve) failed to start: {e}"),
+                    Ok(Err(e)) => {
+                        format!("the supervisor ({LAUNCHER_NAME} serve) failed to start: {e}")
+                    }
                     _ => format!("the supervisor ({LAUNCHER_NAME} serve) did not start in time"),
                 }));
             }
         };
         if let Some(reason) = &hello.fallback_reason {
-            tracing::warn!(reason, "job cgroups cannot be used: every job gets a launcher of its own");
+            tracing::warn!(
+                reason,
+                "job cgroups cannot be used: every job gets a launcher of its own"
+            );
         }
         tracing::debug!(pid = hello.pid, cgroups = ?hello.cgroup, "supervisor started");
         let instance = Arc::new(Instance {
@@ -366,9 +384,8 @@ fn spawn_supervisor(
         actions.add_close(fd)?;
     }
     let env: [CString; 0] = [];
-    let pid = posix_spawn(program.as_c_str(), &actions, &attr, &argv, &env).map_err(|e| {
-        io::Error::other(format!("starting {}: {e}", settings.program.display()))
-    })?;
+    let pid = posix_spawn(program.as_c_str(), &actions, &attr, &argv, &env)
+        .map_err(|e| io::Error::other(format!("starting {}: {e}", settings.program.display())))?;
     Ok(pid)
 }
 
@@ -408,10 +425,16 @@ impl Registry {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
     }
     fn remove(&self, pid: i32) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
     }
     fn contains(&self, pid: i32) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(&pid)
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&pid)
     }
 }
 

@@ -189,10 +189,25 @@ mod tests {
         assert!(root.groups.contains(&0));
         assert_eq!(resolve("0", None).unwrap().uid, 0);
         let odd = resolve("4242424", Some("4242425")).unwrap();
-        assert_eq!((odd.uid, odd.gid, odd.groups.clone()), (4242424, 4242425, vec![4242425]));
-        assert!(resolve("4242424", None).unwrap_err().contains("give a group"));
-        assert!(resolve("no-such-user-tk", None).unwrap_err().contains("no user"));
-        assert!(resolve("root", Some("no-such-group-tk")).unwrap_err().contains("no group"));
+        assert_eq!(
+            (odd.uid, odd.gid, odd.groups.clone()),
+            (4242424, 4242425, vec![4242425])
+        );
+        assert!(
+            resolve("4242424", None)
+                .unwrap_err()
+                .contains("give a group")
+        );
+        assert!(
+            resolve("no-such-user-tk", None)
+                .unwrap_err()
+                .contains("no user")
+        );
+        assert!(
+            resolve("root", Some("no-such-group-tk"))
+                .unwrap_err()
+                .contains("no group")
+        );
         assert_eq!(parse_user_spec("0:0").unwrap().name, "0:0");
         assert!(parse_user_spec(":0").is_err());
     }

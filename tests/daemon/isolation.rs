@@ -51,7 +51,10 @@ async fn commands_get_the_daemons_original_file_limit_and_default_signals() {
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|n| n.parse().ok())
         .unwrap();
-    assert!(daemon_soft > 1024, "Go did not raise the daemon's limit: {daemon_limits}");
+    assert!(
+        daemon_soft > 1024,
+        "Go did not raise the daemon's limit: {daemon_limits}"
+    );
 
     let r = post(&net.alice, "/exec/iso/inherited?wait=30s", json!({})).await;
     assert_eq!(r.status, 200, "{}", r.text);

@@ -124,9 +124,7 @@ echo end"#,
             ..settings()
         },
     );
-    let r = d
-        .run(&json!({"pid": std::process::id()}).to_string())
-        .await;
+    let r = d.run(&json!({"pid": std::process::id()}).to_string()).await;
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(
         r["stdout"],
@@ -161,7 +159,12 @@ async fn a_tool_file_names_a_user_that_must_exist() {
         tailkitd::api::ApiSettings::new(HOST, vec![HOST.into()]),
         tailkitd::audit::AuditLog::in_memory(),
     );
-    let problems: Vec<String> = d.registry.problems().iter().map(|p| p.to_string()).collect();
+    let problems: Vec<String> = d
+        .registry
+        .problems()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(
         problems[0].contains("t.json: user: no user named \"no-such-user-tk\""),
@@ -175,7 +178,11 @@ async fn a_tool_file_names_a_user_that_must_exist() {
         ]});
         std::fs::write(d.dir.path().join("t.json"), text.to_string()).unwrap();
         d.registry.reload();
-        assert!(d.registry.problems().is_empty(), "{:?}", d.registry.problems());
+        assert!(
+            d.registry.problems().is_empty(),
+            "{:?}",
+            d.registry.problems()
+        );
         for (cmd, uid) in [("c", "65534\n"), ("d", "0\n")] {
             let (s, v, _) = d
                 .request(&alice(), "POST", &format!("/exec/t/{cmd}?wait=20s"), "")
@@ -215,6 +222,9 @@ async fn a_launcher_reporting_an_impossible_pid_fails_the_job() {
             (Some("failed"), Some(-1)),
             "{pid}: {r}"
         );
-        assert!(r["error"].as_str().unwrap().contains("impossible pid"), "{pid}: {r}");
+        assert!(
+            r["error"].as_str().unwrap().contains("impossible pid"),
+            "{pid}: {r}"
+        );
     }
 }

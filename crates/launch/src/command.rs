@@ -158,8 +158,10 @@ fn spawn_through_helper(
     let mut attr = PosixSpawnAttr::init().map_err(setup)?;
     attr.set_sigmask(&SigSet::empty()).map_err(setup)?;
     attr.set_sigdefault(&SigSet::all()).map_err(setup)?;
-    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF)
-        .map_err(setup)?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )
+    .map_err(setup)?;
     let mut actions = PosixSpawnFileActions::init().map_err(setup)?;
     put(&mut actions, report_write.as_raw_fd(), 0)?;
     put(&mut actions, stdio.stdout, 1)?;
@@ -223,7 +225,7 @@ pub fn holds_inheritable_caps() -> bool {
     status.lines().any(|l| {
         ["CapInh:", "CapAmb:"].iter().any(|key| {
             l.strip_prefix(key)
-                .is_some_and(|v| u64::from_str_radix(v.trim(), 16).map_or(true, |n| n != 0))
+                .is_some_and(|v| u64::from_str_radix(v.trim(), 16) != Ok(0))
         })
     })
 }
@@ -255,7 +257,11 @@ pub fn spawn_as(args: &[OsString]) -> i32 {
         _ => Status::Error("usage: spawn-as CREDENTIALS PROGRAM ARGV0 [ARGS...]".into()),
     };
     let _ = report.write_all(format!("{status}\n").as_bytes());
-    if matches!(status, Status::Started(_)) { 0 } else { 125 }
+    if matches!(status, Status::Started(_)) {
+        0
+    } else {
+        125
+    }
 }
 
 fn start_as(creds: &OsStr, program: &OsStr, argv: &[OsString]) -> Result<Status, Status> {
@@ -336,8 +342,7 @@ fn clear_inheritable_caps() -> Result<(), String> {
         Ok(()) | Err(rustix::io::Errno::INVAL) => {}
         Err(e) => return Err(format!("clearing the ambient capabilities: {e}")),
     }
-    let mut sets =
-        rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
+    let mut sets = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
     if !sets.inheritable.is_empty() {
         sets.inheritable = rustix::thread::CapabilitySet::empty();
         rustix::thread::set_capabilities(None, sets).map_err(|e| format!("capset: {e}"))?;

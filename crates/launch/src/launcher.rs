@@ -36,7 +36,6 @@
 //! against a fork bomb; then it exits. The daemon reads the command's end
 //! from the socket, never from the launcher's exit status.
 
-
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
@@ -51,7 +50,9 @@ use nix::sys::signal::{SigSet, Signal, kill, killpg};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{Pid, dup2_stderr, dup2_stdout, getpid, getppid};
-use tailkitd_launch::{Credentials, LAUNCHER_NAME, Order, ProcStat, SWEEP_LIMIT, Status, proc_stats};
+use tailkitd_launch::{
+    Credentials, LAUNCHER_NAME, Order, ProcStat, SWEEP_LIMIT, Status, proc_stats,
+};
 
 use crate::command::{CommandSpec, Stdio, holds_inheritable_caps, spawn_command};
 

@@ -172,8 +172,9 @@ impl Supervisor {
         blocked
             .thread_block()
             .map_err(|e| format!("blocking signals: {e}"))?;
-        let signals = SignalFd::with_flags(&blocked, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-            .map_err(|e| format!("signalfd: {e}"))?;
+        let signals =
+            SignalFd::with_flags(&blocked, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+                .map_err(|e| format!("signalfd: {e}"))?;
         prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
         if getppid() != options.parent {
             return Ok(None);
@@ -370,8 +371,11 @@ impl Supervisor {
             if known.contains(&pid) {
                 continue;
             }
-            let in_live_job = cgroup_dir_of(&pid.to_string())
-                .is_some_and(|dir| self.jobs.iter().any(|j| j.killing.is_none() && j.dir == dir));
+            let in_live_job = cgroup_dir_of(&pid.to_string()).is_some_and(|dir| {
+                self.jobs
+                    .iter()
+                    .any(|j| j.killing.is_none() && j.dir == dir)
+            });
             if !in_live_job {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
@@ -413,7 +417,9 @@ impl Supervisor {
             (_, Ok([status, _, _])) => {
                 send_fd(&status, &Status::Error("malformed job message".into()));
             }
-            (_, Err(_)) => eprintln!("tailkitd-launch serve: a job message without its descriptors"),
+            (_, Err(_)) => {
+                eprintln!("tailkitd-launch serve: a job message without its descriptors")
+            }
         }
         true
     }
@@ -528,7 +534,8 @@ impl Supervisor {
         stdio: &Stdio,
     ) -> Result<Pid, Status> {
         let setup = |e: Errno| Status::Error(format!("posix_spawn setup: {e}"));
-        let c = |s: &str| CString::new(s).map_err(|_| Status::Error("an argument contains NUL".into()));
+        let c =
+            |s: &str| CString::new(s).map_err(|_| Status::Error("an argument contains NUL".into()));
         let mut argv = vec![CString::from(c"tailkitd-launch")];
         if let Some(creds) = &request.credentials {
             argv.push(CString::from(c"--as"));
@@ -539,7 +546,11 @@ impl Supervisor {
         for a in &request.argv {
             argv.push(c(a)?);
         }
-        let env = request.env.iter().map(|e| c(e)).collect::<Result<Vec<_>, _>>()?;
+        let env = request
+            .env
+            .iter()
+            .map(|e| c(e))
+            .collect::<Result<Vec<_>, _>>()?;
         let launcher = CString::new(self.launcher.as_os_str().as_bytes())
             .map_err(|_| Status::Error("the launcher's path contains NUL".into()))?;
         let mut attr = PosixSpawnAttr::init().map_err(setup)?;
@@ -557,9 +568,8 @@ impl Supervisor {
         actions.add_dup2(stdio.stdout, 1).map_err(setup)?;
         actions.add_dup2(stdio.stderr, 2).map_err(setup)?;
         self.in_workdir(request, || {
-            posix_spawn(launcher.as_c_str(), &actions, &attr, &argv, &env).map_err(|e| {
-                Status::Error(format!("starting {}: {e}", self.launcher.display()))
-            })
+            posix_spawn(launcher.as_c_str(), &actions, &attr, &argv, &env)
+                .map_err(|e| Status::Error(format!("starting {}: {e}", self.launcher.display())))
         })
     }
 
@@ -624,7 +634,10 @@ impl Supervisor {
             return;
         }
         if let Err(e) = cgroup::kill(&job.dir) {
-            eprintln!("tailkitd-launch serve: {}: cgroup.kill: {e}", job.dir.display());
+            eprintln!(
+                "tailkitd-launch serve: {}: cgroup.kill: {e}",
+                job.dir.display()
+            );
         }
         job.killing = Some(Instant::now() + SWEEP_LIMIT);
         if job.events.is_none() {
@@ -764,7 +777,10 @@ fn set_soft_nofile(soft: u64) -> Option<rustix::process::Rlimit> {
 /// The children of this (single-threaded) process.
 fn children(me: Pid) -> Vec<i32> {
     match std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")) {
-        Ok(text) => text.split_whitespace().filter_map(|p| p.parse().ok()).collect(),
+        Ok(text) => text
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
         // Without CONFIG_PROC_CHILDREN: the long way.
         Err(_) => proc_stats()
             .into_iter()

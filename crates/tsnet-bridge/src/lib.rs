@@ -58,8 +58,10 @@ mod tests {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        // SAFETY: `limit` is valid for writes for the duration of the call.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        let got =
+            // SAFETY: `limit` is valid for writes for the duration of the call.
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(got, 0);
         let soft = limit.rlim_cur;
         assert!(original > 0 && original <= soft, "{original} > {soft}");
     }
