@@ -11,11 +11,13 @@ package main
 // and whatever fds the process opens or closes meanwhile.
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -166,9 +168,9 @@ func (bl *bridgeListener) close() {
 
 // acceptLoop delivers connections one at a time. The send blocks once the
 // Rust side stops accepting and the socket's queue is full; then no more
-// connections are accepted from tsnet (its backlog refuses new ones), so a
-// flood of connections cannot pile up relays, goroutines and descriptors
-// here without bound.
+// connections are accepted from tsnet, which closes each further one that
+// it cannot hand over within a second. So a flood of connections cannot
+// pile up relays, goroutines and descriptors here.
 func (bl *bridgeListener) acceptLoop() {
 	defer bl.close()
 	for {
@@ -176,7 +178,9 @@ func (bl *bridgeListener) acceptLoop() {
 		if err != nil {
 			return
 		}
-		bl.deliver(c)
+		if !deliver(bl.sock, c) {
+			return
+		}
 	}
 }
 
@@ -192,22 +196,55 @@ func (bl *bridgeListener) watchPeer() {
 	}
 }
 
+// msgSender sends one message with control data: the listener's socket,
+// or a stand-in in tests.
+type msgSender interface {
+	WriteMsgUnix(b, oob []byte, addr *net.UnixAddr) (n, oobn int, err error)
+}
+
+// sendRetryDelays are the pauses between tries of a send that failed for
+// want of kernel memory or of room for in-flight fds.
+var sendRetryDelays = []time.Duration{10 * time.Millisecond, 50 * time.Millisecond, 200 * time.Millisecond}
+
+// transientSendError reports whether a failed send concerns this one
+// message (the kernel is short of memory, or of room for fds in flight),
+// not the socket: the listener goes on.
+func transientSendError(err error) bool {
+	return errors.Is(err, unix.ENOMEM) || errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.ETOOMANYREFS)
+}
+
 // deliver relays c and sends the caller's end of the relay, together with
-// the peer address, as one SCM_RIGHTS message.
-func (bl *bridgeListener) deliver(c net.Conn) {
+// the peer address, as one SCM_RIGHTS message. A send that fails for a
+// transient reason is tried again a few times, then that one connection is
+// dropped; any other failure (the Rust side closed its socket) means the
+// listener is done: deliver then returns false.
+func deliver(s msgSender, c net.Conn) bool {
 	peer := c.RemoteAddr().String()
 	fd, err := relayConn(c)
 	if err != nil {
 		c.Close()
 		emit("bridge", fmt.Sprintf("dropping connection from %s: %v", peer, err))
-		return
+		return true
 	}
-	_, _, err = bl.sock.WriteMsgUnix([]byte(peer), unix.UnixRights(fd), nil)
+	rights := unix.UnixRights(fd)
+	for try := 0; ; try++ {
+		_, _, err = s.WriteMsgUnix([]byte(peer), rights, nil)
+		if err == nil || !transientSendError(err) || try == len(sendRetryDelays) {
+			break
+		}
+		time.Sleep(sendRetryDelays[try])
+	}
 	// The message holds its own reference to the socket; ours goes. If the
 	// send failed, this was the last one and the relay sees a hang-up.
 	unix.Close(fd)
-	if err != nil {
+	switch {
+	case err == nil:
+		return true
+	case transientSendError(err):
+		emit("bridge", fmt.Sprintf("dropping connection from %s after %d tries: %v", peer, len(sendRetryDelays)+1, err))
+		return true
+	default:
 		emit("bridge", fmt.Sprintf("listener closed, dropping connection from %s: %v", peer, err))
-		bl.close()
+		return false
 	}
 }

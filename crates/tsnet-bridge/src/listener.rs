@@ -5,13 +5,12 @@
 //! `MSG_CMSG_CLOEXEC`) and the peer's `ip:port`, so the address reported for a
 //! connection is always the one the bridge accepted it from.
 
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
@@ -76,41 +75,29 @@ impl Drop for Listener {
     }
 }
 
+/// How many fds one connection message may carry before the kernel cuts
+/// the control data (the bridge sends one).
+const MAX_FDS_PER_MESSAGE: usize = 4;
+
 /// Receives one connection message: `Ok(None)` at end of stream.
+///
+/// Every fd that arrived is owned (and so closed on every error path)
+/// before any check: a message whose control data was truncated
+/// (`MSG_CTRUNC`, more fds than [`MAX_FDS_PER_MESSAGE`]) still installed
+/// the fds that fit, and the kernel released the rest.
 fn recv_connection(fd: RawFd) -> io::Result<Option<(Stream, SocketAddr)>> {
     let mut buf = [0u8; 128];
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-    let (bytes, flags, raw_fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            fd,
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        )?;
-        let mut raw_fds = Vec::new();
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                raw_fds.extend(fds);
-            }
-        }
-        (msg.bytes, msg.flags, raw_fds)
-    };
-    let mut fds: Vec<OwnedFd> = raw_fds
-        .into_iter()
-        // SAFETY: SCM_RIGHTS just installed these fds in this process for us;
-        // nothing else refers to them.
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
+    let (bytes, flags, mut fds) = recv_with_fds(fd, &mut buf)?;
 
     if bytes == 0 && fds.is_empty() {
         return Ok(None);
     }
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
-    if flags.contains(MsgFlags::MSG_TRUNC) || flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(invalid(
-            "truncated connection message from the bridge".into(),
-        ));
+    if flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(invalid(format!(
+            "truncated connection message from the bridge ({} fds received and closed)",
+            fds.len()
+        )));
     }
     if fds.len() != 1 {
         return Err(invalid(format!(
@@ -125,6 +112,67 @@ fn recv_connection(fd: RawFd) -> io::Result<Option<(Stream, SocketAddr)>> {
         .map_err(|_| invalid(format!("bad peer address {text:?} from the bridge")))?;
     let stream = Stream::from_fd(fds.remove(0))?;
     Ok(Some((stream, peer)))
+}
+
+/// One `recvmsg` (non-blocking, `MSG_CMSG_CLOEXEC`): the payload length,
+/// the message flags, and every fd of every `SCM_RIGHTS` control message,
+/// owned. By hand rather than through nix, whose control-message iterator
+/// refuses a truncated message and so would leave the fds that did arrive
+/// open and unowned.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, libc::c_int, Vec<OwnedFd>)> {
+    const FD_SIZE: usize = std::mem::size_of::<libc::c_int>();
+    // u64s: the control buffer must be aligned for `cmsghdr`.
+    let mut cmsg = [0u64; 16];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS_PER_MESSAGE * FD_SIZE) as libc::c_uint) };
+    let space = (space as usize).min(std::mem::size_of_val(&cmsg));
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg points at `iov` (over `buf`) and `cmsg`, both live and
+    // writable for the whole call, with their true lengths.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: `msg` was filled in by recvmsg; CMSG_FIRSTHDR/CMSG_NXTHDR stay
+    // within `msg_control`/`msg_controllen` (which the kernel lowered to what
+    // it wrote) and return null past the end.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is non-null and points at a complete header inside
+        // the control buffer (CMSG_FIRSTHDR/CMSG_NXTHDR check that).
+        let hdr = unsafe { &*c };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN only computes a size.
+            let header = unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = (hdr.cmsg_len as usize).saturating_sub(header) / FD_SIZE;
+            // SAFETY: the data of this header holds `count` ints within the
+            // control buffer (cmsg_len covers them).
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<libc::c_int>();
+            for i in 0..count {
+                // SAFETY: i < count, inside this header's data; it may be
+                // unaligned, hence read_unaligned.
+                let raw = unsafe { data.add(i).read_unaligned() };
+                if raw >= 0 {
+                    // SAFETY: SCM_RIGHTS just installed this fd in this
+                    // process for us; nothing else refers to it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        }
+        // SAFETY: `msg` and `c` are as above.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    Ok((n as usize, msg.msg_flags, fds))
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
@@ -208,9 +256,10 @@ impl AsyncWrite for Stream {
 mod tests {
     use super::*;
     use nix::sys::socket::{
-        AddressFamily, ControlMessage, SockFlag, SockType, sendmsg, socketpair,
+        AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair,
     };
     use std::io::IoSlice;
+    use std::io::Read;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn seqpacket() -> (OwnedFd, OwnedFd) {
@@ -290,5 +339,33 @@ mod tests {
         let (_s, peer) = ln.accept().await.unwrap();
         assert_eq!(peer.port(), 2);
         assert!(peer.is_ipv6());
+    }
+
+    // More fds than the control buffer holds: the kernel installs those
+    // that fit and sets MSG_CTRUNC. Every one of them must be closed (the
+    // peer of the socket they copy then reads end of stream), and the
+    // listener must go on.
+    #[tokio::test]
+    async fn a_truncated_message_closes_every_fd_it_brought() {
+        let (ours, theirs) = seqpacket();
+        let ln = Listener::new(-1, ours, 80).unwrap();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let copies = [a.as_raw_fd(); 2 * MAX_FDS_PER_MESSAGE];
+        send(&theirs, b"100.64.0.7:1", &copies);
+        drop(a);
+        let err = ln.accept().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("truncated"), "{err}");
+
+        b.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let n = b.read(&mut byte).expect("a received fd was left open");
+        assert_eq!(n, 0, "end of stream: every copy of the fd is closed");
+
+        let (c, _d) = std::os::unix::net::UnixStream::pair().unwrap();
+        send(&theirs, b"100.64.0.8:2", &[c.as_raw_fd()]);
+        let (_s, peer) = ln.accept().await.unwrap();
+        assert_eq!(peer.port(), 2);
     }
 }

@@ -226,6 +226,12 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// `timeout` plus [`GRACE`], saturating: a caller may pass a timeout as
+/// large as `Duration::MAX` to mean "no limit".
+fn with_grace(timeout: Duration) -> Duration {
+    timeout.saturating_add(GRACE)
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
@@ -286,7 +292,7 @@ impl Node {
     pub async fn up(&self, timeout: Duration) -> Result<Status, BridgeError> {
         let h = self.live_handle("up")?;
         let ms = millis(timeout);
-        let res = blocking("up", timeout + GRACE, move || ffi::node_up(h, ms)).await?;
+        let res = blocking("up", with_grace(timeout), move || ffi::node_up(h, ms)).await?;
         match res {
             Ok(()) => self.status().await,
             Err(CallError {
@@ -314,7 +320,7 @@ impl Node {
     /// [`BridgeError::Closed`] after close; bridge errors otherwise.
     pub async fn status(&self) -> Result<Status, BridgeError> {
         let h = self.live_handle("status")?;
-        let json = blocking("status", Duration::from_secs(10) + GRACE, move || {
+        let json = blocking("status", with_grace(Duration::from_secs(10)), move || {
             ffi::node_status(h)
         })
         .await?
@@ -342,7 +348,7 @@ impl Node {
     /// When the port is taken on this node, or the node cannot start.
     pub async fn listen(&self, port: u16) -> Result<Listener, BridgeError> {
         let h = self.live_handle("listen")?;
-        let (lh, fd, port) = blocking("listen", Duration::from_secs(60) + GRACE, move || {
+        let (lh, fd, port) = blocking("listen", with_grace(Duration::from_secs(60)), move || {
             ffi::node_listen(h, port)
         })
         .await?
@@ -378,7 +384,7 @@ impl Node {
         let h = self.live_handle("dial")?;
         let target = addr.to_string();
         let ms = millis(timeout);
-        let fd = blocking("dial", timeout + GRACE, move || {
+        let fd = blocking("dial", with_grace(timeout), move || {
             ffi::node_dial(h, &target, ms)
         })
         .await?
@@ -399,7 +405,7 @@ impl Node {
         let h = self.live_handle("whois")?;
         let addr = peer.to_string();
         let ms = millis(WHOIS_TIMEOUT);
-        let json = blocking("whois", WHOIS_TIMEOUT + GRACE, move || {
+        let json = blocking("whois", with_grace(WHOIS_TIMEOUT), move || {
             ffi::node_whois(h, &addr, ms)
         })
         .await?
@@ -422,7 +428,7 @@ impl Node {
     /// When the node cannot start or the proxy cannot listen.
     pub async fn loopback(&self) -> Result<LoopbackProxy, BridgeError> {
         let h = self.live_handle("loopback")?;
-        let json = blocking("loopback", Duration::from_secs(60) + GRACE, move || {
+        let json = blocking("loopback", with_grace(Duration::from_secs(60)), move || {
             ffi::node_loopback(h)
         })
         .await?
@@ -527,6 +533,17 @@ mod tests {
     }
 
     #[test]
+    fn huge_timeouts_saturate_instead_of_overflowing() {
+        assert_eq!(with_grace(Duration::MAX), Duration::MAX);
+        assert_eq!(with_grace(Duration::MAX - GRACE / 2), Duration::MAX);
+        assert_eq!(
+            with_grace(Duration::from_secs(1)),
+            Duration::from_secs(1) + GRACE
+        );
+        assert_eq!(millis(Duration::MAX), i64::MAX);
+    }
+
+    #[test]
     fn debug_output_redacts_the_auth_key() {
         let mut cfg = NodeConfig::new("n", "/tmp/x");
         cfg.auth_key = Some("tskey-secret".into());
@@ -545,6 +562,22 @@ mod tests {
         assert_eq!(st.auth_url, None);
         assert_eq!(st.ips, vec!["100.64.0.1".parse::<IpAddr>().unwrap()]);
         assert!(st.health.is_empty());
+    }
+
+    // The public calls take any Duration: `Duration::MAX` (no limit) must
+    // not overflow. A state dir that is a file makes tsnet fail at once.
+    #[tokio::test]
+    async fn up_and_dial_accept_duration_max() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let node = Node::new(NodeConfig::new("huge-timeouts", file.path())).unwrap();
+        let err = node.up(Duration::MAX).await.unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        let err = node
+            .dial_timeout("peer:80", Duration::MAX)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        node.close().await.unwrap();
     }
 
     #[tokio::test]
