@@ -72,7 +72,16 @@ fn build() -> Result<(), String> {
     // server opens a kernel TCP listener on 0.0.0.0 for every node; tailkitd
     // must bind no host port, and needs none of PeerAPI's services (Taildrop,
     // exit-node DNS).
-    let mut tags = vec!["netgo", "osusergo", "ts_omit_peerapiserver"];
+    // ts_omit_oauthkey: without it, tsnet hands a node's missing auth key
+    // over to an OAuth hook that falls back to TS_CLIENT_SECRET from the
+    // environment (and mints keys through Tailscale's API); tailkitd takes
+    // its key from its own settings only.
+    let mut tags = vec![
+        "netgo",
+        "osusergo",
+        "ts_omit_peerapiserver",
+        "ts_omit_oauthkey",
+    ];
     if env::var_os("CARGO_FEATURE_LOCALNET").is_some() {
         tags.push("tailkitd_localnet");
     }

@@ -17,19 +17,22 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
 	"tailscale.com/client/local"
-	"tailscale.com/envknob"
 	"tailscale.com/hostinfo"
 	"tailscale.com/ipn"
+	"tailscale.com/logtail"
 	"tailscale.com/tsnet"
 	"tailscale.com/util/dnsname"
 )
@@ -128,11 +131,32 @@ func writeJSON(v any, out *C.char, outlen C.size_t, needed *C.size_t) error {
 	return nil
 }
 
+// maxTimeoutMS is the largest timeout in milliseconds a time.Duration
+// holds; a larger one means no limit.
+const maxTimeoutMS = int64(math.MaxInt64 / int64(time.Millisecond))
+
+// timeoutCtx is a context with a timeout of ms milliseconds; none when ms
+// is zero or negative, or too large for a time.Duration.
 func timeoutCtx(ms C.int64_t) (context.Context, context.CancelFunc) {
-	if ms <= 0 {
+	if ms <= 0 || int64(ms) > maxTimeoutMS {
 		return context.WithCancel(context.Background())
 	}
 	return context.WithTimeout(context.Background(), time.Duration(ms)*time.Millisecond)
+}
+
+// callCtx is timeoutCtx(ms), also cancelled when n starts closing.
+func (n *node) callCtx(ms C.int64_t) (context.Context, context.CancelFunc) {
+	ctx, cancel := timeoutCtx(ms)
+	stop := context.AfterFunc(n.ctx, cancel)
+	return ctx, func() { stop(); cancel() }
+}
+
+// msString formats a timeout in milliseconds for a message.
+func msString(ms C.int64_t) string {
+	if ms <= 0 || int64(ms) > maxTimeoutMS {
+		return "no limit"
+	}
+	return (time.Duration(ms) * time.Millisecond).String()
 }
 
 // nodeConfig is the JSON the Rust side passes to tsnetbridge_node_new.
@@ -161,8 +185,54 @@ func (c *nodeConfig) validate() error {
 			return codedErrorf(C.TSNB_EINVAL, "invalid control URL %q: want http(s)://host[:port]", *c.ControlURL)
 		}
 	}
+	return c.checkEnvironment()
+}
+
+// checkEnvironment refuses a node that tsnet would configure from the
+// environment rather than from c, and a loopback-control node that lacks
+// its knobs. It only reads the environment: setenv while other threads of
+// the process may read it is not safe, so what a node needs must be in the
+// environment the process started with.
+//
+// tsnet's fallbacks: TS_CONTROL_URL never acts (newNode always sets the
+// control URL); TS_AUTHKEY and TS_AUTH_KEY would become the auth key of a
+// node that has none, so such a node is not created while either is set.
+func (c *nodeConfig) checkEnvironment() error {
+	if c.AuthKey == nil || *c.AuthKey == "" {
+		for _, v := range []string{"TS_AUTHKEY", "TS_AUTH_KEY"} {
+			if _, set := os.LookupEnv(v); set {
+				return codedErrorf(C.TSNB_EINVAL,
+					"%s is set in this process's environment, and tsnet would take it as the auth key of node %q, whose settings give none: "+
+						"remove it from the environment (tailkitd run does so itself)", v, c.Hostname)
+			}
+		}
+	}
+	if c.controlIsLoopback() {
+		var missing []string
+		for _, k := range loopbackKnobs {
+			if os.Getenv(k) != "true" {
+				missing = append(missing, k+"=true")
+			}
+		}
+		if len(missing) > 0 {
+			return codedErrorf(C.TSNB_EINVAL,
+				"node %q has its control server on loopback (%s) and needs %s in the environment this process started with "+
+					"(tsnet reads them from there; the bridge never changes the environment of a running process): "+
+					"tailkitd sets them by re-executing itself, and scripts/test exports them for the tests",
+				c.Hostname, *c.ControlURL, strings.Join(missing, " "))
+		}
+	}
 	return nil
 }
+
+// loopbackKnobs are tsnet's knobs that a node on a loopback control server
+// needs (LOOPBACK_CONTROL_ENV on the Rust side): assume the network is up
+// (a loopback-only namespace has no interface tsnet counts as up, and it
+// would pause), no port mapper (no UPnP, NAT-PMP or PCP probes of the LAN
+// gateway), and no local interface addresses offered to peers as
+// endpoints (peers meet on 127.0.0.1, as the local STUN server sees them,
+// or through the local DERP server).
+var loopbackKnobs = []string{"TS_ASSUME_NETWORK_UP_FOR_TEST", "TS_DISABLE_PORTMAPPER", "TS_DEBUG_OMIT_LOCAL_ADDRS"}
 
 func (c *nodeConfig) controlURLForHumans() string {
 	if c.ControlURL != nil && *c.ControlURL != "" {
@@ -179,6 +249,13 @@ type node struct {
 	startDone chan struct{} // closed when Start has returned (or will never run)
 	startErr  error         // valid once startDone is closed
 
+	// ctx is cancelled when the node starts closing: calls still waiting
+	// on it (up, dial, whois) return at once rather than holding up the
+	// close (tsnet's Close waits up to 5 s for LocalAPI streams such as
+	// up's IPN bus watch).
+	ctx    context.Context
+	cancel context.CancelFunc
+
 	mu     sync.Mutex
 	kicked bool // Start was launched (or abandoned because of close)
 	closed bool
@@ -191,6 +268,7 @@ var errNodeClosed = codedErrorf(C.TSNB_EBADF, "node is closed")
 
 func newNode(cfg nodeConfig) *node {
 	n := &node{cfg: cfg, startDone: make(chan struct{}), lns: map[int64]*bridgeListener{}}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
 	src := "node/" + cfg.Hostname
 	n.srv = &tsnet.Server{
 		Dir:       cfg.StateDir,
@@ -204,43 +282,33 @@ func newNode(cfg nodeConfig) *node {
 	if cfg.AuthKey != nil {
 		n.srv.AuthKey = *cfg.AuthKey
 	}
-	if cfg.ControlURL != nil {
+	// Always explicit: an empty ControlURL would make tsnet take
+	// TS_CONTROL_URL from the environment.
+	n.srv.ControlURL = ipn.DefaultControlURL
+	if cfg.ControlURL != nil && *cfg.ControlURL != "" {
 		n.srv.ControlURL = *cfg.ControlURL
 	}
 	return n
 }
 
-// applyStartPolicy sets the process-wide tsnet knobs a node needs before it
-// starts.
+// logUploadOff records that log upload to Tailscale was turned off in this
+// process (it cannot be turned back on).
+var logUploadOff atomic.Bool
+
+// applyStartPolicy sets the process-wide tsnet switches a node needs before
+// it starts, without touching the environment.
 //
-// Log upload to Tailscale goes off unless the node opted in. Off is sticky:
-// tsnet picks its log transport when a node starts, so nodes started earlier
-// keep theirs.
-//
-// A node whose control server is on loopback (the local tailnet) must not
-// wait for a network interface to come up: it needs none, and in a
-// loopback-only network namespace (where tests run) there is none, so tsnet
-// would pause its control client and magicsock forever. Nor may it probe
-// the LAN gateway for port mappings (UPnP, NAT-PMP, PCP): a local tailnet
-// talks to nothing but loopback, also when `tailkitd demo` runs outside a
-// namespace. Both knobs are process-wide.
+// Log upload to Tailscale goes off unless the node opted in (logtail's own
+// switch, which also covers network flow logs). Off is sticky: nodes
+// started earlier keep uploading, and a later node asking for upload does
+// not get it.
 func applyStartPolicy(cfg *nodeConfig) {
 	if !cfg.UploadLogs {
-		envknob.SetNoLogsNoSupport()
-	} else if envknob.NoLogsNoSupport() {
+		logtail.Disable()
+		logUploadOff.Store(true)
+	} else if logUploadOff.Load() {
 		emit("bridge", fmt.Sprintf("node %q asked to upload logs, but log upload is already off in this process", cfg.Hostname))
 	}
-	if cfg.controlIsLoopback() {
-		configureForLoopbackControl()
-	}
-}
-
-// configureForLoopbackControl tells tsnet (control client and magicsock) to
-// consider the network up even when no interface but loopback has an
-// address, and turns the port mapper off.
-func configureForLoopbackControl() {
-	envknob.Setenv("TS_ASSUME_NETWORK_UP_FOR_TEST", "true")
-	envknob.Setenv("TS_DISABLE_PORTMAPPER", "true")
 }
 
 func (c *nodeConfig) controlIsLoopback() bool {
@@ -292,6 +360,9 @@ func (n *node) start(ctx context.Context) error {
 	case <-n.kickStart():
 		return n.startErr
 	case <-ctx.Done():
+		if n.ctx.Err() != nil {
+			return errNodeClosed
+		}
 		return codedErrorf(C.TSNB_ETIMEDOUT, "timed out starting node %q", n.cfg.Hostname)
 	}
 }
@@ -325,14 +396,17 @@ func (n *node) noteAuthURL(u string) bool {
 }
 
 // up waits for state Running; see tsnetbridge_node_up.
-func (n *node) up(ctx context.Context, timeout time.Duration) error {
+func (n *node) up(ctx context.Context, timeout string) error {
 	lc, err := n.localClient(ctx)
 	if err != nil {
 		return err
 	}
 	state := ipn.NoState
 	timedOut := func() error {
-		msg := fmt.Sprintf("node %q did not come up within %v (backend state %v; control server %s)",
+		if n.ctx.Err() != nil {
+			return codedErrorf(C.TSNB_EBADF, "node %q was closed while waiting to come up", n.cfg.Hostname)
+		}
+		msg := fmt.Sprintf("node %q did not come up within %s (backend state %v; control server %s)",
 			n.cfg.Hostname, timeout, state, n.cfg.controlURLForHumans())
 		hctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
@@ -457,6 +531,7 @@ func (n *node) close() error {
 		return errNodeClosed
 	}
 	n.closed = true
+	n.cancel()
 	if !n.kicked {
 		n.kicked = true
 		n.startErr = errNodeClosed
@@ -508,9 +583,9 @@ func tsnetbridge_node_up(h C.int64_t, timeoutMS C.int64_t, errbuf *C.char, errle
 	if err != nil {
 		return fail(err, errbuf, errlen)
 	}
-	ctx, cancel := timeoutCtx(timeoutMS)
+	ctx, cancel := n.callCtx(timeoutMS)
 	defer cancel()
-	if err := n.up(ctx, time.Duration(timeoutMS)*time.Millisecond); err != nil {
+	if err := n.up(ctx, msString(timeoutMS)); err != nil {
 		return fail(err, errbuf, errlen)
 	}
 	return C.TSNB_OK
@@ -602,7 +677,7 @@ func tsnetbridge_node_dial(h C.int64_t, addr *C.char, timeoutMS C.int64_t, outFD
 		return fail(err, errbuf, errlen)
 	}
 	target := C.GoString(addr)
-	ctx, cancel := timeoutCtx(timeoutMS)
+	ctx, cancel := n.callCtx(timeoutMS)
 	defer cancel()
 	if err := n.start(ctx); err != nil {
 		return fail(err, errbuf, errlen)
@@ -631,7 +706,7 @@ func tsnetbridge_node_whois(h C.int64_t, addr *C.char, timeoutMS C.int64_t, out 
 		return fail(err, errbuf, errlen)
 	}
 	peer := C.GoString(addr)
-	ctx, cancel := timeoutCtx(timeoutMS)
+	ctx, cancel := n.callCtx(timeoutMS)
 	defer cancel()
 	lc, err := n.localClient(ctx)
 	if err != nil {

@@ -81,8 +81,8 @@ type localnet struct {
 func startLocalnet(opts localnetOpts) (_ *localnet, err error) {
 	// As tsnet's own tests do: no socket marks or interface binding.
 	netns.SetEnabled(false)
-	// Everything is on loopback: no other interface needs to be up.
-	configureForLoopbackControl()
+	// Nodes joining it need the loopback knobs in the environment (see
+	// nodeConfig.checkEnvironment); the local tailnet itself does not.
 
 	l := &localnet{done: make(chan struct{}), wake: make(chan struct{})}
 	defer func() {

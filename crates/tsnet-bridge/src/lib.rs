@@ -16,12 +16,17 @@
 //!   runtime that shares this process.
 //! - [`original_nofile_limit`]: the soft limit of open files the process
 //!   was started with, before the Go runtime raised it.
+//! - The environment as tsnet reads it: [`TSNET_FALLBACK_VARS`] never act,
+//!   [`LOOPBACK_CONTROL_ENV`] must be there from the start for a node on a
+//!   loopback control server, and [`adopt_inherited_fd`] takes over a pipe
+//!   a re-executing parent left open.
 //!
 //! Every file descriptor the bridge creates or hands over is close-on-exec,
 //! so child processes inherit no tailnet connection. tsnet's logs are
 //! forwarded into `tracing` (target `tsnet`, debug level); tsnet's log upload
 //! to Tailscale is off unless a node sets `upload_logs`.
 
+mod environment;
 mod error;
 mod ffi;
 mod listener;
@@ -32,6 +37,10 @@ mod node;
 mod signals;
 mod whois;
 
+pub use environment::{
+    LOOPBACK_CONTROL_ENV, TSNET_FALLBACK_VARS, adopt_inherited_fd, is_loopback_control_url,
+    missing_loopback_env,
+};
 pub use error::BridgeError;
 pub use listener::{Listener, Stream};
 #[cfg(feature = "localnet")]

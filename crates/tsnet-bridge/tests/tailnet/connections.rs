@@ -323,3 +323,89 @@ async fn peer_caps_from_localnet_grants() {
     })
     .await;
 }
+
+/// What happens to connections that arrive while nobody accepts them (the
+/// daemon's 512 slots are all taken): a few wait in the listener socket's
+/// queue (and one in the bridge's hands), and tsnet closes every further
+/// one that it cannot hand over to the bridge within 1 s. The README
+/// describes these numbers; this test measures them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_what_is_accepted_are_closed_by_tsnet() {
+    guarded(async {
+        let net = Net::start().await;
+        let server = net.node("busy").await;
+        let client = Arc::new(net.node("eager").await);
+        let listener = server.listen(8080).await.unwrap();
+        let target = format!("{}:8080", ipv4(&server));
+
+        // Nobody accepts. Dial more connections than the listener socket's
+        // buffer holds messages (208 KiB by default, about 280 messages);
+        // each one whose peer closes it reads end of stream, each one that
+        // waits reads nothing.
+        const DIALED: usize = 400;
+        let started = Instant::now();
+        let mut dials = tokio::task::JoinSet::new();
+        for i in 0..DIALED {
+            let client = client.clone();
+            let target = target.clone();
+            dials.spawn(async move {
+                let mut s = client.dial(&target).await.expect("dial");
+                s.write_all(format!("{i}\n").as_bytes()).await.unwrap();
+                let mut byte = [0u8; 1];
+                let closed = matches!(
+                    tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await,
+                    Ok(Ok(0) | Err(_))
+                );
+                (i, closed, started.elapsed(), s)
+            });
+        }
+        let mut closed = Vec::new();
+        let mut waiting = Vec::new();
+        while let Some(r) = dials.join_next().await {
+            let (i, was_closed, after, s) = r.unwrap();
+            if was_closed {
+                closed.push(after);
+            } else {
+                waiting.push((i, s));
+            }
+        }
+        closed.sort();
+        eprintln!(
+            "{} of {DIALED} connections waited; {} were closed by tsnet, after {:?} to {:?}",
+            waiting.len(),
+            closed.len(),
+            closed.first(),
+            closed.last()
+        );
+        assert!(!waiting.is_empty(), "no connection waited at all");
+        assert!(!closed.is_empty(), "every connection waited");
+
+        // Once accepting resumes, exactly the waiting ones arrive, intact,
+        // and new connections are served again.
+        let mut accepted = 0;
+        for _ in 0..waiting.len() {
+            let (mut conn, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+                .await
+                .expect("a waiting connection was lost")
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(&mut conn)
+                .read_line(&mut line)
+                .await
+                .unwrap();
+            assert!(line.trim().parse::<usize>().is_ok(), "{line:?}");
+            accepted += 1;
+        }
+        assert_eq!(accepted, waiting.len());
+        let fresh = tokio::spawn({
+            let client = client.clone();
+            async move { client.dial(&target).await.map(|_| ()) }
+        });
+        let (_conn, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+            .await
+            .expect("a new connection after the flood")
+            .unwrap();
+        fresh.await.unwrap().unwrap();
+    })
+    .await;
+}
