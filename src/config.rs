@@ -93,6 +93,12 @@ pub struct RunArgs {
     /// TOML config file [default: /etc/tailkitd/tailkitd.toml if present]
     #[arg(long, env = "TAILKITD_CONFIG")]
     pub config: Option<PathBuf>,
+
+    /// Not a flag: the auth key (or its absence) handed over by the process
+    /// this one was re-executed from (see `startup`); when set, no other key
+    /// source is read.
+    #[arg(skip)]
+    pub handed_over_key: Option<Option<Secret>>,
 }
 
 /// Log output format.
@@ -132,6 +138,11 @@ struct FileConfig {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
     /// The secret itself, for handing to tsnet.
     pub fn expose(&self) -> &str {
         &self.0
@@ -252,9 +263,12 @@ impl Settings {
             });
         }
 
-        // Flag, then the key itself in TS_AUTHKEY, then TS_AUTHKEY_FILE,
+        // Handed over by a re-exec (which read the sources below), else the
+        // flag, then the key itself in TS_AUTHKEY, then TS_AUTHKEY_FILE,
         // then the config file.
-        let auth_key = if let Some(path) = args.auth_key_file {
+        let auth_key = if let Some(key) = args.handed_over_key {
+            key
+        } else if let Some(path) = args.auth_key_file {
             Some(read_key_file(&path)?)
         } else if let Some(key) = env("TS_AUTHKEY").filter(|k| !k.trim().is_empty()) {
             Some(Secret(key.trim().to_string()))

@@ -23,9 +23,14 @@ use crate::run::{ExecSettings, Executor};
 use crate::server::{self, WhoIs};
 use crate::tools::{Registry, RegistryError};
 
-/// How long one `up` attempt waits before the daemon logs that it is still
-/// waiting (it keeps waiting).
-const UP_ATTEMPT: Duration = Duration::from_secs(30);
+/// How long one `up` attempt waits before the daemon looks at the node's
+/// health for something new to say (it keeps waiting).
+const UP_ATTEMPT: Duration = Duration::from_secs(1);
+/// How often the daemon says it is still waiting to join when nothing
+/// changed.
+const STILL_WAITING: Duration = Duration::from_secs(30);
+/// Tailscale's control server, what tsnet uses when none is set.
+pub const TAILSCALE_CONTROL_URL: &str = "https://controlplane.tailscale.com";
 /// How often the node's names are re-read for the `Host` check.
 const NAMES_REFRESH: Duration = Duration::from_secs(30);
 
@@ -139,7 +144,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     })?);
 
     let status = tokio::select! {
-        status = join_tailnet(&node, settings.control_url.as_deref()) => status?,
+        status = join_tailnet(&node, &settings) => status?,
         name = wait_for_stop(&mut sigterm, &mut sigint) => {
             info!(signal = name, "stopping before the node came up");
             leave(node).await;
@@ -324,10 +329,28 @@ async fn wait_for_stop(
 }
 
 /// Brings the node up, announcing a login URL when one is needed and
-/// waiting as long as it takes (logging while it waits).
-async fn join_tailnet(node: &Node, control_url: Option<&str>) -> Result<Status, DaemonError> {
-    let control = control_url.unwrap_or("Tailscale's control server");
+/// waiting as long as it takes. It says at once what is missing: no auth
+/// key and no saved node (a login URL is needed), a control server that
+/// cannot be reached (with its URL), and any other health warning of the
+/// node as it appears.
+async fn join_tailnet(node: &Node, settings: &Settings) -> Result<Status, DaemonError> {
+    let control = settings
+        .control_url
+        .as_deref()
+        .unwrap_or(TAILSCALE_CONTROL_URL);
+    let state_file = settings.state_dir.join("tsnet").join("tailscaled.state");
+    info!(control, "joining the tailnet");
+    if settings.auth_key.is_none() && !state_file.exists() {
+        warn!(
+            control,
+            state_dir = %settings.state_dir.display(),
+            "no auth key given (TS_AUTHKEY, TS_AUTHKEY_FILE, --auth-key-file or auth_key_file) and no saved node state: \
+             this node can only join by logging in at a URL the control server hands out; waiting for that URL"
+        );
+    }
     let mut announced: Option<String> = None;
+    let mut reported_health: Vec<String> = Vec::new();
+    let mut last_said = tokio::time::Instant::now();
     loop {
         match node.up(UP_ATTEMPT).await {
             Ok(status) => return Ok(status),
@@ -338,14 +361,43 @@ async fn join_tailnet(node: &Node, control_url: Option<&str>) -> Result<Status, 
                     );
                     warn!(%url, "waiting for interactive login");
                     announced = Some(url);
+                    last_said = tokio::time::Instant::now();
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) if e.is_timeout() => {
-                warn!(control, error = %e, "still waiting to join the tailnet");
+                let status = node.status().await.ok();
+                let mut health = status
+                    .as_ref()
+                    .map(|s| s.health.clone())
+                    .unwrap_or_default();
+                health.sort();
+                let state = status.map_or_else(String::new, |s| s.backend_state);
+                if !health.is_empty() && health != reported_health {
+                    warn_join_health(control, &state, &health);
+                    last_said = tokio::time::Instant::now();
+                } else if last_said.elapsed() >= STILL_WAITING {
+                    warn!(control, state, "still waiting to join the tailnet");
+                    last_said = tokio::time::Instant::now();
+                }
+                reported_health = health;
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Says what the node's health warnings mean while it waits to join.
+fn warn_join_health(control: &str, state: &str, health: &[String]) {
+    let health = health.join("; ");
+    // Every login starts by fetching the control server's key: when that
+    // fails, the server cannot be reached (or is no control server).
+    if health.contains("fetch control key") {
+        warn!(
+            control,
+            state, health, "the control server {control} cannot be reached; retrying"
+        );
+    } else {
+        warn!(control, state, health, "not on the tailnet yet");
     }
 }
 

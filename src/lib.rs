@@ -22,6 +22,8 @@
 //!   per connection, WhoIs per request.
 //! - [`config`]: flags, environment, TOML config and defaults merged.
 //! - [`daemon`]: `tailkitd run`, the pieces above put together.
+//! - [`startup`]: the clean start: re-executing without the auth key in
+//!   the environment, with the knobs tsnet reads from there.
 //! - [`client`]: a small HTTP client for the API over any stream.
 //! - [`localapi`]: the machine's tailscaled through its LocalAPI socket
 //!   (peer list and dial), for callers without a tsnet node of their own.
@@ -39,4 +41,5 @@ pub mod identity;
 pub mod localapi;
 pub mod run;
 pub mod server;
+pub mod startup;
 pub mod tools;

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tailkitd::config::{LogFormat, RunArgs, Settings};
+use tailkitd::startup;
 
 #[derive(Parser)]
 #[command(
@@ -48,31 +49,125 @@ enum Cmd {
     },
 }
 
-fn main() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => exit_for_clap_error(e),
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // Plainly, without anyhow's backtrace (RUST_BACKTRACE is for
+            // bugs, not for a missing file) and each cause once.
+            eprintln!("tailkitd: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Cmd::Run(cli.run)) {
-        Cmd::Run(args) => {
+        Cmd::Run(mut args) => {
+            args.handed_over_key = startup::take_handed_over_key()?;
             let os_hostname = nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let settings = Settings::resolve(args, |k| std::env::var(k).ok(), &os_hostname)?;
+            let loopback = settings
+                .control_url
+                .as_deref()
+                .is_some_and(tsnet_bridge::is_loopback_control_url);
+            startup::reexec_if_needed(Some(settings.auth_key.as_ref()), loopback)?;
             init_tracing(settings.log_format, "tailkitd=info");
-            runtime()?.block_on(tailkitd::daemon::run(settings))?;
+            block_on(tailkitd::daemon::run(settings))??;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Validate { path } => Ok(validate(&path)),
         Cmd::Demo => {
+            startup::reexec_if_needed(None, true)?;
             init_tracing(LogFormat::Text, "tailkitd=warn");
             let exe = std::env::current_exe().context("locating this executable")?;
-            runtime()?.block_on(tailkitd::demo::run_demo(&exe))?;
+            block_on(tailkitd::demo::run_demo(&exe))??;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Localnet { clients, grants } => {
+            startup::reexec_if_needed(None, true)?;
             init_tracing(LogFormat::Text, "tailkitd=info");
-            runtime()?.block_on(tailkitd::demo::run_localnet(clients, &grants))?;
+            block_on(tailkitd::demo::run_localnet(clients, &grants))??;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs `f` to completion on a multi-threaded runtime, then drops the
+/// runtime without waiting for blocking bridge calls still under way (a
+/// join attempt cut short by SIGTERM must not hold the exit).
+fn block_on<T>(f: impl Future<Output = T>) -> anyhow::Result<T> {
+    let rt = runtime()?;
+    let out = rt.block_on(f);
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    Ok(out)
+}
+
+/// `err` and its causes, `: `-separated, skipping a cause whose text the
+/// message before it already carries.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// Prints a command-line error and exits as clap does, but naming the
+/// environment variable when the bad value came from one rather than from
+/// the flag clap's message names.
+fn exit_for_clap_error(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) && let Some(ContextValue::String(shown)) = e.get(ContextKind::InvalidArg)
+        && let Some(long) = shown
+            .strip_prefix("--")
+            .map(|rest| rest.split(['=', '[', ' ', '<']).next().unwrap_or(rest))
+        && let Some(var) = env_var_of(long)
+        && !flag_given(long)
+    {
+        let text = e.to_string().replacen(
+            &format!("'{shown}'"),
+            &format!("the environment variable {var} (the setting of '--{long}')"),
+            1,
+        );
+        eprint!("{text}");
+        std::process::exit(e.exit_code());
+    }
+    e.exit()
+}
+
+/// The environment variable behind `--long`, if it has one.
+fn env_var_of(long: &str) -> Option<String> {
+    let cmd = Cli::command();
+    let run = cmd.find_subcommand("run")?;
+    run.get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned())
+}
+
+/// Whether `--long` is on the command line (alone or as `--long=...`).
+fn flag_given(long: &str) -> bool {
+    let flag = format!("--{long}");
+    std::env::args_os().any(|a| {
+        let a = a.to_string_lossy();
+        a == flag || a.starts_with(&format!("{flag}="))
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -12,6 +12,7 @@ mod calls;
 mod cli;
 mod isolation;
 mod lifecycle;
+mod startup;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
