@@ -70,8 +70,18 @@ int tsnetbridge_orig_nofile(uint64_t *out_cur, uint64_t *out_max);
  * config_json: {"hostname": str, "state_dir": str, "auth_key": str|null,
  *               "control_url": str|null, "ephemeral": bool, "upload_logs": bool}
  * Validates and creates a node without starting it. Log upload to Tailscale is
- * turned off (process-wide, for good) before the first node whose
- * upload_logs is false starts.
+ * turned off (process-wide, for good; logtail's switch, not the environment)
+ * before the first node whose upload_logs is false starts.
+ * The environment: the bridge never changes it. tsnet's fallbacks never act:
+ * an absent control_url means Tailscale's, given to tsnet explicitly (so
+ * TS_CONTROL_URL is not read), and a node without auth_key is refused
+ * (TSNB_EINVAL) while TS_AUTHKEY or TS_AUTH_KEY is set. A node whose control
+ * URL is on loopback is refused (TSNB_EINVAL, naming them) unless
+ * TS_ASSUME_NETWORK_UP_FOR_TEST, TS_DISABLE_PORTMAPPER and
+ * TS_DEBUG_OMIT_LOCAL_ADDRS are "true" in the environment the process
+ * started with.
+ * Calls waiting on a node (up, dial, whois) return as soon as it is closed.
+ * Timeouts in milliseconds: <= 0, or too large for a Go duration, is no limit.
  */
 int tsnetbridge_node_new(char *config_json, int64_t *out_node, char *errbuf,
                          size_t errlen);
