@@ -84,12 +84,16 @@ static ADOPTED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 /// environment variable. It is made close-on-exec at once.
 ///
 /// Each fd number is adopted at most once per process, and only fds above 2
-/// that are open and are pipes (FIFOs).
+/// that are open, are pipes (FIFOs), and are not close-on-exec: every fd
+/// this process creates itself (Rust's standard library, tokio, the Go
+/// runtime, this bridge) is close-on-exec, so one that is not came across
+/// the exec, which is what keeps this function from taking over an fd that
+/// something in the process already owns.
 ///
 /// # Errors
 ///
 /// `InvalidInput` for fd 0-2 or one already adopted; the OS error when it is
-/// not open; `InvalidInput` when it is not a pipe.
+/// not open; `InvalidInput` when it is not a pipe or is close-on-exec.
 pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
     if fd <= 2 || adopted.contains(&fd) {
@@ -111,9 +115,21 @@ pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
             format!("fd {fd} is not a pipe"),
         ));
     }
-    // SAFETY: the fd is open (fstat succeeded); it came from the parent
-    // across exec and the caller names it as one nothing in this process
-    // owns; `ADOPTED` makes sure it is wrapped only once.
+    // SAFETY: F_GETFD only reads the fd's flags; the fd is open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::FD_CLOEXEC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {fd} is close-on-exec: not one inherited across exec"),
+        ));
+    }
+    // SAFETY: the fd is open (fstat succeeded) and not close-on-exec, so it
+    // came from the parent across exec (everything this process opens is
+    // close-on-exec), and the caller names it as one nothing here owns;
+    // `ADOPTED` makes sure it is wrapped only once.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     adopted.push(fd);
     // SAFETY: F_SETFD on an fd we own, with a valid flag.
@@ -188,6 +204,10 @@ mod tests {
         // Not a pipe: a socket.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert!(adopt_inherited_fd(a.as_raw_fd()).is_err());
+        // A pipe this process made, close-on-exec as all of them are.
+        let (own, _own_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let err = adopt_inherited_fd(own.as_raw_fd()).unwrap_err();
+        assert!(err.to_string().contains("close-on-exec"), "{err}");
         drop(w);
     }
 }
