@@ -357,6 +357,49 @@ fn parse_cgroup(text: &str) -> Result<crate::run::CgroupSetting, String> {
     Ok(setting)
 }
 
+/// clap's message for a bad value that came from an environment variable
+/// rather than from the flag it names: the same message naming the
+/// variable. `None` for any other error (or a value from the flag). `run`
+/// is the command whose arguments carry the `env` names; `args` the command
+/// line.
+pub fn name_env_in_error(
+    e: &clap::Error,
+    run: &clap::Command,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(shown)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let rest = shown.strip_prefix("--")?;
+    let long = rest.split(['=', '[', ' ', '<']).next().unwrap_or(rest);
+    let var = run
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())?
+        .to_string_lossy()
+        .into_owned();
+    let flag = format!("--{long}");
+    let given = args.into_iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == flag || a.starts_with(&format!("{flag}="))
+    });
+    if given {
+        return None;
+    }
+    Some(e.to_string().replacen(
+        &format!("'{shown}'"),
+        &format!("the environment variable {var} (the setting of '{flag}')"),
+        1,
+    ))
+}
+
 /// A Go duration (`10s`, `1m30s`) of at most an hour.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let d =

@@ -125,49 +125,18 @@ fn error_chain(err: &anyhow::Error) -> String {
     text
 }
 
-/// Prints a command-line error and exits as clap does, but naming the
-/// environment variable when the bad value came from one rather than from
-/// the flag clap's message names.
+/// Prints a command-line error and exits as clap does, naming the
+/// environment variable when the bad value came from one.
 fn exit_for_clap_error(e: clap::Error) -> ! {
-    use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if matches!(
-        e.kind(),
-        ErrorKind::InvalidValue | ErrorKind::ValueValidation
-    ) && let Some(ContextValue::String(shown)) = e.get(ContextKind::InvalidArg)
-        && let Some(long) = shown
-            .strip_prefix("--")
-            .map(|rest| rest.split(['=', '[', ' ', '<']).next().unwrap_or(rest))
-        && let Some(var) = env_var_of(long)
-        && !flag_given(long)
-    {
-        let text = e.to_string().replacen(
-            &format!("'{shown}'"),
-            &format!("the environment variable {var} (the setting of '--{long}')"),
-            1,
-        );
-        eprint!("{text}");
-        std::process::exit(e.exit_code());
+    let run = Cli::command();
+    let run = run.find_subcommand("run").unwrap_or(&run);
+    match tailkitd::config::name_env_in_error(&e, run, std::env::args_os()) {
+        Some(text) => {
+            eprint!("{text}");
+            std::process::exit(e.exit_code());
+        }
+        None => e.exit(),
     }
-    e.exit()
-}
-
-/// The environment variable behind `--long`, if it has one.
-fn env_var_of(long: &str) -> Option<String> {
-    let cmd = Cli::command();
-    let run = cmd.find_subcommand("run")?;
-    run.get_arguments()
-        .find(|a| a.get_long() == Some(long))
-        .and_then(|a| a.get_env())
-        .map(|v| v.to_string_lossy().into_owned())
-}
-
-/// Whether `--long` is on the command line (alone or as `--long=...`).
-fn flag_given(long: &str) -> bool {
-    let flag = format!("--{long}");
-    std::env::args_os().any(|a| {
-        let a = a.to_string_lossy();
-        a == flag || a.starts_with(&format!("{flag}="))
-    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

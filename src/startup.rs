@@ -17,7 +17,6 @@
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 
 use tsnet_bridge::{TSNET_FALLBACK_VARS, missing_loopback_env};
 
@@ -144,7 +143,10 @@ pub fn reexec_if_needed(
     if is_reexecuted() {
         return Ok(());
     }
-    let (drop, add) = changes(|k| std::env::var(k).ok(), loopback_control);
+    let (drop, add) = changes(
+        |k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()),
+        loopback_control,
+    );
     if drop.is_empty() && add.is_empty() {
         return Ok(());
     }
@@ -157,26 +159,33 @@ pub fn reexec_if_needed(
         .ok()
         .filter(|p| p.is_file())
         .unwrap_or_else(|| "/proc/self/exe".into());
-    let mut cmd = std::process::Command::new(&exe);
-    cmd.arg0(arg0).args(args);
-    for var in drop {
-        cmd.env_remove(var);
-    }
-    cmd.envs(add);
+    let mut argv = vec![arg0];
+    argv.extend(args);
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !DROPPED_VARS.contains(&k.as_ref())
+                && !add.iter().any(|(a, _)| *a == k)
+                && k != AUTHKEY_FD_VAR
+        })
+        .collect();
+    env.extend(add.iter().map(|(k, v)| (k.into(), v.into())));
     // Kept alive until exec: the read end must be open when it happens.
     let _pipe: Option<OwnedFd> = match key {
         None => None,
         Some(None) => {
-            cmd.env(AUTHKEY_FD_VAR, "none");
+            env.push((AUTHKEY_FD_VAR.into(), "none".into()));
             None
         }
         Some(Some(key)) => {
             let read = key_pipe(key.expose())?;
-            cmd.env(AUTHKEY_FD_VAR, read.as_raw_fd().to_string());
+            env.push((AUTHKEY_FD_VAR.into(), read.as_raw_fd().to_string().into()));
             Some(read)
         }
     };
-    let source = cmd.exec();
+    // Through the bridge, not std's exec: it also restores the soft
+    // RLIMIT_NOFILE the Go runtime raised in this process.
+    let source = tsnet_bridge::exec(&exe, &argv, &env);
     Err(StartupError::Exec {
         exe: exe.display().to_string(),
         source,

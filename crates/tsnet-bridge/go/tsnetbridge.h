@@ -66,6 +66,16 @@ int tsnetbridge_take_log_fd(int *out_fd);
 int tsnetbridge_orig_nofile(uint64_t *out_cur, uint64_t *out_max);
 
 /*
+ * Process.
+ * Replaces this program with path (execve), argv and envp being argc and envc
+ * C strings. The soft RLIMIT_NOFILE is set back first to what the process
+ * started with (the Go runtime raises it when it starts). Returns only on
+ * failure.
+ */
+int tsnetbridge_exec(char *path, char **argv, int argc, char **envp, int envc,
+                     char *errbuf, size_t errlen);
+
+/*
  * Nodes.
  * config_json: {"hostname": str, "state_dir": str, "auth_key": str|null,
  *               "control_url": str|null, "ephemeral": bool, "upload_logs": bool}

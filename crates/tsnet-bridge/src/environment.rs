@@ -76,6 +76,51 @@ pub fn missing_loopback_env(
         .collect()
 }
 
+/// Replaces this process with `program` (`execve`: same pid), with `args`
+/// (the first one is the new `argv[0]`) and exactly the environment `env`.
+/// Unlike [`std::os::unix::process::CommandExt::exec`], it first sets the
+/// soft `RLIMIT_NOFILE` back to what this process started with: the Go
+/// runtime linked in here raised it when the process started, and the new
+/// program would otherwise take the raised value for the original (and its
+/// Go runtime would record no original at all). Fds that are not
+/// close-on-exec stay open across it. Returns only on failure.
+pub fn exec(
+    program: &std::path::Path,
+    args: &[std::ffi::OsString],
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> io::Error {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |bytes: &[u8]| {
+        CString::new(bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument"))
+    };
+    let built = (|| -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
+        let path = c(program.as_os_str().as_bytes())?;
+        let argv = args
+            .iter()
+            .map(|a| c(a.as_bytes()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let envv = env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                c(&kv)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok((path, argv, envv))
+    })();
+    match built {
+        Ok((path, argv, envv)) => {
+            let e = crate::ffi::exec(&path, &argv, &envv);
+            io::Error::other(e.msg)
+        }
+        Err(e) => e,
+    }
+}
+
 /// The fds already adopted by [`adopt_inherited_fd`].
 static ADOPTED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 

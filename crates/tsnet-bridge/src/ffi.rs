@@ -4,7 +4,7 @@
 //! descriptors become [`OwnedFd`]s at once. Every function here may block
 //! (the Go side waits on the network): async callers use `spawn_blocking`.
 
-use std::ffi::{CString, c_char, c_int};
+use std::ffi::{CStr, CString, c_char, c_int};
 use std::os::fd::{FromRawFd, OwnedFd};
 
 use super::error::BridgeError;
@@ -84,6 +84,15 @@ unsafe extern "C" {
         errlen: usize,
     ) -> c_int;
     fn tsnetbridge_node_close(node: i64, errbuf: *mut c_char, errlen: usize) -> c_int;
+    fn tsnetbridge_exec(
+        path: *const c_char,
+        argv: *const *const c_char,
+        argc: c_int,
+        envp: *const *const c_char,
+        envc: c_int,
+        errbuf: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
 }
 
 #[cfg(feature = "localnet")]
@@ -224,6 +233,43 @@ fn own_fd(fd: c_int) -> Result<OwnedFd, CallError> {
 }
 
 /// The read end of the bridge's log pipe, the first time only.
+/// execve through Go (which first restores the soft RLIMIT_NOFILE the
+/// process started with); returns only on failure.
+pub(crate) fn exec(path: &CStr, argv: &[CString], env: &[CString]) -> CallError {
+    let too_many = || CallError {
+        code: TSNB_EINVAL,
+        msg: "too many arguments or environment entries".into(),
+    };
+    let (Ok(argc), Ok(envc)) = (c_int::try_from(argv.len()), c_int::try_from(env.len())) else {
+        return too_many();
+    };
+    let argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    let env_ptrs: Vec<*const c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    let res = call(|eb, el| {
+        // SAFETY: path and every pointer in argv_ptrs/env_ptrs point at
+        // NUL-terminated strings that outlive the call; the arrays hold
+        // argc and envc entries; the error buffer is valid for writes.
+        unsafe {
+            tsnetbridge_exec(
+                path.as_ptr(),
+                argv_ptrs.as_ptr(),
+                argc,
+                env_ptrs.as_ptr(),
+                envc,
+                eb,
+                el,
+            )
+        }
+    });
+    match res {
+        Err(e) => e,
+        Ok(()) => CallError {
+            code: TSNB_EINVAL,
+            msg: "exec returned without an error".into(),
+        },
+    }
+}
+
 pub(crate) fn take_log_fd() -> Option<OwnedFd> {
     let mut fd: c_int = -1;
     // SAFETY: fd is valid for writes for the duration of the call.

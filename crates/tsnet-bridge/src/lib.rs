@@ -38,7 +38,7 @@ mod signals;
 mod whois;
 
 pub use environment::{
-    LOOPBACK_CONTROL_ENV, TSNET_FALLBACK_VARS, adopt_inherited_fd, is_loopback_control_url,
+    LOOPBACK_CONTROL_ENV, TSNET_FALLBACK_VARS, adopt_inherited_fd, exec, is_loopback_control_url,
     missing_loopback_env,
 };
 pub use error::BridgeError;
