@@ -121,6 +121,7 @@ async fn identity_under_concurrent_peers() {
     const _: () = assert!(CONNS_PER_CLIENT.is_multiple_of(PARALLEL_PER_CLIENT));
 
     guarded(async {
+        let _heavy = HEAVY.lock().await;
         // SIGCHLD storms land on Go threads too: tokio's handler must be
         // SA_ONSTACK-safe for this test to survive the churn.
         let mut sigchld =
@@ -332,6 +333,7 @@ async fn peer_caps_from_localnet_grants() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_what_is_accepted_are_closed_by_tsnet() {
     guarded(async {
+        let _heavy = HEAVY.lock().await;
         let net = Net::start().await;
         let server = net.node("busy").await;
         let client = Arc::new(net.node("eager").await);
