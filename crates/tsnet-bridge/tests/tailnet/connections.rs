@@ -344,7 +344,7 @@ async fn connections_past_what_is_accepted_are_closed_by_tsnet() {
         // buffer holds messages (208 KiB by default, about 280 messages);
         // each one whose peer closes it reads end of stream, each one that
         // waits reads nothing.
-        const DIALED: usize = 400;
+        const DIALED: usize = 320;
         let started = Instant::now();
         let mut dials = tokio::task::JoinSet::new();
         for i in 0..DIALED {
@@ -408,6 +408,11 @@ async fn connections_past_what_is_accepted_are_closed_by_tsnet() {
             .expect("a new connection after the flood")
             .unwrap();
         fresh.await.unwrap().unwrap();
+        // Closed before the next heavy test may start.
+        drop((waiting, listener));
+        server.close().await.unwrap();
+        Arc::into_inner(client).unwrap().close().await.unwrap();
+        net.localnet.close().await.unwrap();
     })
     .await;
 }
