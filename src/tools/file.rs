@@ -2,7 +2,10 @@
 //! `tailkit` SDK writes it, or TOML with the same fields), and their
 //! validation into the [model](super::model). Every problem is reported with
 //! its file and field; a file with any problem is rejected whole, the other
-//! files still load.
+//! files still load. A file over [`MAX_TOOL_FILE_BYTES`] is refused without
+//! being read.
+
+mod disk;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -17,6 +20,12 @@ use super::args::check_value;
 use super::duration::{format_go_duration, parse_go_duration};
 use super::model::{Arg, ArgType, Command, Segment, Tool};
 use super::pattern::ArgPattern;
+
+pub use disk::{
+    FileKey, LoadedDir, MAX_TOOL_FILE_BYTES, RawRead, is_tool_file_name, load_dir, load_file,
+    parse_bytes, read_bytes, tool_file_paths, validate_path,
+};
+pub(crate) use disk::{directory_problem, duplicate_problem};
 
 /// One problem in one tool file: printed as `file: field: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,8 +193,8 @@ pub fn parse_str(
     limits: &ToolLimits,
 ) -> Result<Tool, Vec<Problem>> {
     let raw: Result<ToolRaw, String> = match format {
-        Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
-        Format::Toml => toml::from_str(text).map_err(|e| e.message().to_string()),
+        Format::Json => serde_json::from_str(text).map_err(|e| json_syntax(&e)),
+        Format::Toml => toml::from_str(text).map_err(|e| toml_syntax(text, &e)),
     };
     let raw = raw.map_err(|message| {
         vec![Problem {
@@ -207,111 +216,44 @@ pub fn parse_str(
     }
 }
 
-/// Reads and validates one tool file (following symlinks).
-///
-/// # Errors
-///
-/// When the file cannot be read, has an extension other than `.json` or
-/// `.toml`, or has validation problems.
-pub fn load_file(path: &Path, limits: &ToolLimits) -> Result<Tool, Vec<Problem>> {
-    let problem = |field: &str, message: String| {
-        vec![Problem {
-            file: path.to_path_buf(),
-            field: field.into(),
-            message,
-        }]
-    };
-    let Some(format) = Format::from_path(path) else {
-        return Err(problem("file", "not a .json or .toml tool file".into()));
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| problem("file", e.to_string()))?;
-    parse_str(&text, format, path, limits)
-}
-
-/// The result of loading a directory: the valid tools (sorted by name) and
-/// every problem found.
-#[derive(Debug, Default)]
-pub struct LoadedDir {
-    /// Valid tools; on duplicate names the first file by file name wins.
-    pub tools: Vec<Tool>,
-    /// Problems, per file.
-    pub problems: Vec<Problem>,
-}
-
-/// Loads every `*.json` / `*.toml` file of `dir` whose name does not start
-/// with `.`, following symlinks (Kubernetes ConfigMap mounts). A missing
-/// directory loads as empty without a problem; the caller decides whether
-/// that matters.
-pub fn load_dir(dir: &Path, limits: &ToolLimits) -> LoadedDir {
-    let mut loaded = LoadedDir::default();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return loaded,
-        Err(e) => {
-            loaded.problems.push(Problem {
-                file: dir.to_path_buf(),
-                field: "directory".into(),
-                message: e.to_string(),
-            });
-            return loaded;
-        }
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| e.path())
-        .filter(|p| Format::from_path(p).is_some() && p.is_file())
-        .collect();
-    files.sort();
-    let mut by_name: BTreeMap<String, Tool> = BTreeMap::new();
-    for file in files {
-        match load_file(&file, limits) {
-            Ok(tool) => {
-                if let Some(first) = by_name.get(&tool.name) {
-                    loaded.problems.push(Problem {
-                        file: file.clone(),
-                        field: "name".into(),
-                        message: format!(
-                            "tool {:?} is also declared by {}, which wins; {} is ignored",
-                            tool.name,
-                            first.source.display(),
-                            file.display()
-                        ),
-                    });
-                } else {
-                    by_name.insert(tool.name.clone(), tool);
-                }
-            }
-            Err(problems) => loaded.problems.extend(problems),
-        }
+/// A JSON syntax problem, its place first as for TOML:
+/// `line 4, column 9: expected ...` (serde_json puts it at the end).
+fn json_syntax(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if e.line() == 0 {
+        return text;
     }
-    loaded.tools = by_name.into_values().collect();
-    loaded
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let message = text.strip_suffix(&suffix).unwrap_or(&text);
+    format!("line {}, column {}: {message}", e.line(), e.column())
 }
 
-/// Checks a tool file or a directory of them, as `tailkitd validate` does.
-/// A directory that does not exist, or holds no tool file, is a problem.
-pub fn validate_path(path: &Path) -> Vec<Problem> {
-    let limits = ToolLimits::default();
-    if path.is_dir() {
-        let loaded = load_dir(path, &limits);
-        if loaded.tools.is_empty() && loaded.problems.is_empty() {
-            return vec![Problem {
-                file: path.to_path_buf(),
-                field: "directory".into(),
-                message: "no .json or .toml tool files".into(),
-            }];
+/// A TOML syntax problem with its place: `line 4, column 9: ...` (the
+/// `toml` error carries a byte span; the line and column are counted here,
+/// the column in characters, both from 1).
+fn toml_syntax(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', "; ");
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("line {line}, column {column}: {message}")
         }
-        loaded.problems
-    } else if path.exists() {
-        load_file(path, &limits).err().unwrap_or_default()
-    } else {
-        vec![Problem {
-            file: path.to_path_buf(),
-            field: "file".into(),
-            message: "no such file or directory".into(),
-        }]
+        None => message,
     }
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 struct Validator<'a> {

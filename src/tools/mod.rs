@@ -23,7 +23,9 @@ pub mod users;
 use std::time::Duration;
 
 pub use args::{ArgError, Prepared, prepare, redact_args};
-pub use file::{Format, Problem, load_dir, load_file, parse_str, validate_path};
+pub use file::{
+    FileKey, Format, MAX_TOOL_FILE_BYTES, Problem, load_dir, load_file, parse_str, validate_path,
+};
 pub use model::{Arg, ArgType, Command, Tool};
 pub use registry::{ExecEntry, Registry, RegistryError, WatchGuard};
 pub use users::RunAs;

@@ -290,6 +290,13 @@ pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut()
     eventually_some(limit, what, async || condition().then_some(())).await
 }
 
+/// Peak resident memory of this process so far (`VmHWM`), in KiB.
+pub fn vm_hwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// Pids printed one per line.
 pub fn pids(text: &str) -> Vec<i32> {
     text.split_whitespace()

@@ -2,13 +2,6 @@
 
 use super::*;
 
-/// Peak resident memory of this process so far (`VmHWM`), in KiB.
-fn vm_hwm_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Not a test on its own: run by `an_output_flood_is_capped_and_memory_stays_bounded`
 /// in a process of its own, so that the peak it measures is the flood's and
 /// no other test's. Writes `baseline peak` (KiB) to the report file.

@@ -101,6 +101,50 @@ fn toml_has_the_same_fields() {
 }
 
 #[test]
+fn syntax_problems_say_where() {
+    let toml = |text: &str| {
+        parse_str(
+            text,
+            Format::Toml,
+            Path::new("t.toml"),
+            &ToolLimits::default(),
+        )
+        .unwrap_err()
+        .remove(0)
+        .to_string()
+    };
+    // An array left open on line 4 (found at its end), and a wrong type
+    // on line 3 (the column counts characters: "é" is one).
+    let broken = "name = \"t\"\n[[commands]]\nname = \"c\"\nexec_parts = [\"true]\n";
+    assert_eq!(
+        toml(broken),
+        "t.toml: syntax: line 4, column 21: unclosed array, expected `]`"
+    );
+    let problem = toml("name = \"é\"\n[[commands]]\nname = 5\n");
+    assert!(
+        problem.starts_with("t.toml: syntax: line 3, column 8: "),
+        "{problem}"
+    );
+    assert!(problem.contains("invalid type"), "{problem}");
+
+    let json = parse_json("{\n  \"name\": \"t\",\n  \"commands\": [}\n")
+        .unwrap_err()
+        .remove(0)
+        .to_string();
+    assert_eq!(json, "t.json: syntax: line 3, column 16: expected value");
+}
+
+#[test]
+fn line_and_column_count_characters_from_one() {
+    let text = "ab\ncé\nx";
+    assert_eq!(line_column(text, 0), (1, 1));
+    assert_eq!(line_column(text, 3), (2, 1));
+    assert_eq!(line_column(text, 6), (2, 3), "after the two-byte é");
+    assert_eq!(line_column(text, 5), (2, 2), "inside é: its start");
+    assert_eq!(line_column(text, 99), (3, 2), "past the end: the end");
+}
+
+#[test]
 fn wire_shape_is_the_go_sdks() {
     let tool = parse_json(GO_SDK_JSON).unwrap();
     let wire = serde_json::to_value(tool.to_wire(|_| true).unwrap()).unwrap();
