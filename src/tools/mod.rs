@@ -7,7 +7,8 @@
 //!   validation; [`validate_path`] backs `tailkitd validate`.
 //! - [`model`]: the validated [`Tool`], [`Command`], [`Arg`], and the
 //!   `GET /tools` wire shape.
-//! - [`registry`]: the live, atomically swapped index of a tools directory.
+//! - [`registry`]: the live, atomically swapped index of a tools directory,
+//!   which serves a file written in place only once it has settled.
 //! - [`args`]: argument validation and argv substitution for one request.
 //! - [`duration`], [`pattern`]: Go's duration syntax and regex semantics.
 //! - [`users`]: who commands run as (`user`/`group`, `command_user`).
@@ -27,7 +28,7 @@ pub use file::{
     FileKey, Format, MAX_TOOL_FILE_BYTES, Problem, load_dir, load_file, parse_str, validate_path,
 };
 pub use model::{Arg, ArgType, Command, Tool};
-pub use registry::{ExecEntry, Registry, RegistryError, WatchGuard};
+pub use registry::{COALESCE, DEFAULT_SETTLE, ExecEntry, Registry, RegistryError, WatchGuard};
 pub use users::RunAs;
 
 /// The largest `timeout` a tool file may declare by default (1 h).

@@ -1,28 +1,50 @@
 //! The live tool registry: loads the tools directory into an immutable
 //! index, swaps it atomically (readers see the old or the new index, never a
-//! mix), and rebuilds it after any change in the directory — edits, editor
-//! rename-saves, deletions, a Kubernetes ConfigMap `..data` symlink swap, or
-//! the directory itself appearing later. A job holds the `Arc<Command>` it
-//! started with, so reloads never change a running job.
+//! mix), and rebuilds it after any change in the directory — editor
+//! rename-saves, in-place edits, deletions, a Kubernetes ConfigMap `..data`
+//! symlink swap, or the directory itself appearing later. A job holds the
+//! `Arc<Command>` it started with, so reloads never change a running job.
+//!
+//! A tool file is never served in a form its author did not finish: a file
+//! that arrives whole (renamed into the directory, a `..data` swap) is
+//! loaded at once; a file written in place is loaded only once it has
+//! settled (no event for it, and the same size and times, for the settle
+//! period, [`DEFAULT_SETTLE`]), and until then its previous definition
+//! stays in force (a new file is not served). A file deleted goes at once.
+//! Files are read again only when their (device, inode, size, times)
+//! changed. The rules are in `registry/state.rs`, the event handling and
+//! pacing in `registry/watch.rs`.
+
+mod state;
+mod watch;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, TryLockError, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 use thiserror::Error;
 
+use self::state::{Change, DirState, Rescan};
+use self::watch::{Pace, classify, touches_directory, update_watches};
 use super::ToolLimits;
-use super::file::{LoadedDir, Problem, load_dir};
+use super::file::Problem;
 use super::model::{Command, Tool};
 
-/// How long the watcher gathers events before it rebuilds, so that one save
-/// (often several events) is one rebuild, well within SPEC's 200 ms.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How long a file written in place must stay unchanged before it is
+/// loaded (3 s): longer than the pause between the steps of a write made in
+/// two (a first `cat >`, then the `acl_cap` line appended), so that such a
+/// write is never served half done.
+pub const DEFAULT_SETTLE: Duration = Duration::from_secs(3);
+
+/// The shortest time between two rebuilds by the watcher (25 ms): the
+/// first change after a quiet spell is served at once, the rest of a burst
+/// in one trailing rebuild per period. Short enough that a change in a
+/// burst is served within 30 ms too.
+pub const COALESCE: Duration = Duration::from_millis(25);
 
 /// Registry errors.
 #[derive(Debug, Error)]
@@ -54,17 +76,6 @@ pub struct Index {
 }
 
 impl Index {
-    fn from_loaded(loaded: LoadedDir) -> Self {
-        Index {
-            tools: loaded
-                .tools
-                .into_iter()
-                .map(|t| (t.name.clone(), Arc::new(t)))
-                .collect(),
-            problems: loaded.problems,
-        }
-    }
-
     /// The command `cmd` of tool `tool`.
     pub fn lookup(&self, tool: &str, cmd: &str) -> Option<ExecEntry> {
         let tool = self.tools.get(tool)?;
@@ -91,15 +102,40 @@ impl Index {
         (self.tools.len(), commands)
     }
 
-    fn commands(&self) -> BTreeMap<(String, String), &Arc<Command>> {
-        self.tools
-            .values()
-            .flat_map(|t| {
-                t.commands
-                    .iter()
-                    .map(|c| ((t.name.clone(), c.name.clone()), c))
-            })
-            .collect()
+    /// What changed from `old` to this index. Tools loaded from an
+    /// unchanged file are the same `Arc` in both and are skipped.
+    fn changes_since(&self, old: &Index) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        let empty = Vec::new();
+        let names: std::collections::BTreeSet<&String> =
+            self.tools.keys().chain(old.tools.keys()).collect();
+        for name in names {
+            let (before, after) = (old.tools.get(name), self.tools.get(name));
+            if let (Some(b), Some(a)) = (before, after)
+                && Arc::ptr_eq(b, a)
+            {
+                continue;
+            }
+            let before = before.map_or(&empty, |t| &t.commands);
+            let after = after.map_or(&empty, |t| &t.commands);
+            let find =
+                |list: &[Arc<Command>], cmd: &str| list.iter().find(|c| c.name == cmd).cloned();
+            for command in after {
+                match find(before, &command.name) {
+                    None => report.added.push(format!("{name}/{}", command.name)),
+                    Some(previous) if previous != *command => {
+                        report.changed.push(format!("{name}/{}", command.name));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for command in before {
+                if find(after, &command.name).is_none() {
+                    report.removed.push(format!("{name}/{}", command.name));
+                }
+            }
+        }
+        report
     }
 }
 
@@ -125,12 +161,12 @@ impl ReloadReport {
 #[derive(Debug)]
 pub struct Registry {
     dir: PathBuf,
-    limits: ToolLimits,
     index: ArcSwap<Index>,
-    /// Held across a whole reload (scan, compare, swap), so that reloads
-    /// from SIGHUP and from the watcher thread never store an older scan
-    /// over a newer one. Readers never take it.
-    reloading: Mutex<()>,
+    /// What is known of each file. Held across a whole reload or watcher
+    /// pass (scan, compare, swap), so that reloads from SIGHUP and from the
+    /// watcher thread never store an older scan over a newer one. Readers
+    /// never take it.
+    state: Mutex<DirState>,
     /// Rebuilds since the first load.
     rebuilds: AtomicU64,
 }
@@ -138,10 +174,14 @@ pub struct Registry {
 impl Registry {
     /// Loads `dir` (a missing directory is an empty registry that fills up
     /// once the directory appears and [`Registry::spawn_watcher`] runs).
-    /// Problems are logged and kept in the index.
+    /// Every file there is loaded as it is: the daemon cannot know whether
+    /// one is being written at that moment. Problems are logged and kept in
+    /// the index. A relative `dir` is taken from the current directory.
     pub fn load(dir: impl Into<PathBuf>, limits: ToolLimits) -> Self {
         let dir = dir.into();
-        let index = Index::from_loaded(load_dir(&dir, &limits));
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        let mut state = DirState::load(&dir, limits, DEFAULT_SETTLE);
+        let index = state.index();
         if !dir.exists() {
             tracing::warn!(dir = %dir.display(), "the tools directory does not exist (yet)");
         }
@@ -150,11 +190,35 @@ impl Registry {
         tracing::info!(dir = %dir.display(), tools, commands, "tool registry loaded");
         Registry {
             dir,
-            limits,
             index: ArcSwap::from_pointee(index),
-            reloading: Mutex::new(()),
+            state: Mutex::new(state),
             rebuilds: AtomicU64::new(0),
         }
+    }
+
+    /// Sets how long a file written in place must stay unchanged before it
+    /// is loaded (default [`DEFAULT_SETTLE`]), for writes seen from now on.
+    /// Tests shorten it.
+    pub fn set_settle(&self, settle: Duration) {
+        self.lock().set_settle(settle);
+    }
+
+    /// [`Registry::set_settle`], for building a registry.
+    #[must_use]
+    pub fn with_settle(self, settle: Duration) -> Self {
+        self.set_settle(settle);
+        self
+    }
+
+    /// How many files written in place wait to settle.
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting()
+    }
+
+    /// The state, also after a panic while it was held: each change to it
+    /// is whole, and the index is rebuilt from it as a whole.
+    fn lock(&self) -> MutexGuard<'_, DirState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// How many times the index was rebuilt since the first load.
@@ -197,9 +261,12 @@ impl Registry {
         self.index.load().problems().to_vec()
     }
 
-    /// Re-reads the directory, swaps the index and logs what changed.
-    /// Reloads are serialized: one that starts while another runs waits for
-    /// it, so the stored index is always from the latest scan.
+    /// Re-reads every tool file now (SIGHUP), swaps the index and logs what
+    /// changed; only files the watcher saw being written in place and not
+    /// yet settled keep waiting (a SIGHUP sent for log rotation must not
+    /// serve a half-written file). Reloads are serialized with each other
+    /// and with the watcher, so the stored index is always from the latest
+    /// scan.
     pub fn reload(&self) -> ReloadReport {
         self.reload_with(|| {}, || {})
     }
@@ -208,38 +275,24 @@ impl Registry {
     /// lock (just before waiting for it), and `after_scan` between the scan
     /// and the swap: where tests observe and pause reloads.
     fn reload_with(&self, waiting: impl FnOnce(), after_scan: impl FnOnce()) -> ReloadReport {
-        // `()` cannot be left inconsistent by a panic, so a poisoned lock
-        // is still usable.
-        let _reloading = match self.reloading.try_lock() {
+        let mut state = match self.state.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
             Err(TryLockError::WouldBlock) => {
                 waiting();
-                self.reloading
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
+                self.lock()
             }
         };
-        let new = Index::from_loaded(load_dir(&self.dir, &self.limits));
-        self.rebuilds.fetch_add(1, Ordering::Relaxed);
+        state.rescan(Rescan::Forced);
         after_scan();
-        let old = self.index.load();
-        let (before, after) = (old.commands(), new.commands());
-        let name = |(t, c): &(String, String)| format!("{t}/{c}");
-        let mut report = ReloadReport::default();
-        for (key, command) in &after {
-            match before.get(key) {
-                None => report.added.push(name(key)),
-                Some(previous) if previous != command => report.changed.push(name(key)),
-                Some(_) => {}
-            }
-        }
-        report.removed = before
-            .keys()
-            .filter(|k| !after.contains_key(*k))
-            .map(name)
-            .collect();
-        drop(old);
+        self.rebuild(&mut state)
+    }
+
+    /// Builds the index from `state`, swaps it in and logs what changed.
+    fn rebuild(&self, state: &mut DirState) -> ReloadReport {
+        let new = state.index();
+        self.rebuilds.fetch_add(1, Ordering::Relaxed);
+        let report = new.changes_since(&self.index.load());
         log_problems(&new);
         let (tools, commands) = new.counts();
         self.index.store(Arc::new(new));
@@ -254,10 +307,50 @@ impl Registry {
         report
     }
 
-    /// Starts watching the directory: any change rebuilds the index about
-    /// 100 ms later. Watching the parent (or the nearest existing ancestor)
-    /// as well catches the directory appearing, disappearing or being
-    /// replaced. Stops when the guard is dropped.
+    /// One pass of the watcher: applies `changes`, runs a rescan if one is
+    /// asked for and its pause is over, loads the files that have settled,
+    /// and rebuilds the index if anything in force changed and the
+    /// coalescing period since the last rebuild is over.
+    fn pass(&self, changes: Vec<Change>, pace: &mut Pace) {
+        let mut state = self.lock();
+        for change in changes {
+            match change {
+                Change::Rescan(kind) => pace.rescan = pace.rescan.max(Some(kind)),
+                Change::Entry(name, kind) => {
+                    if state.links_through(&name) {
+                        pace.rescan = pace.rescan.max(Some(kind));
+                    }
+                }
+                change => state.apply(change),
+            }
+        }
+        state.note_written();
+        let now = Instant::now();
+        if let Some(kind) = pace.rescan
+            && pace.may_rescan(now)
+        {
+            state.rescan(kind);
+            pace.rescanned(now);
+        }
+        state.settle_due(Instant::now());
+        let now = Instant::now();
+        if state.dirty() && pace.may_rebuild(now, COALESCE) {
+            self.rebuild(&mut state);
+            pace.rebuilt(now);
+        }
+    }
+
+    /// When the watcher must run its next pass if no event comes first.
+    fn next_wake(&self, pace: &Pace) -> Option<Instant> {
+        let state = self.lock();
+        pace.next_wake(state.dirty(), state.next_due(), COALESCE)
+    }
+
+    /// Starts watching the directory: a change is served within
+    /// milliseconds (a file written in place once it has settled). Watching
+    /// the parent (or the nearest existing ancestor) as well catches the
+    /// directory appearing, disappearing or being replaced. Stops when the
+    /// guard is dropped.
     ///
     /// # Errors
     ///
@@ -272,34 +365,51 @@ impl Registry {
         let dir = self.dir.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                // Errors (such as a queue overflow) rebuild too.
-                if event.is_err() || event.is_ok_and(|e| concerns(&dir, &e)) {
-                    let _ = events.send(WatchMessage::Changed);
+                let changes = classify(&dir, &event, Instant::now());
+                if !changes.is_empty() {
+                    let _ = events.send(WatchMessage::Changes(changes));
                 }
             })
             .map_err(watch_error)?;
         let mut watched_ancestor = None;
         update_watches(&mut watcher, &self.dir, &mut watched_ancestor);
-        // Anything that changed between the initial load and the first watch.
-        let _ = tx.send(WatchMessage::Changed);
+        // Anything that changed between the initial load and the first
+        // watch; how it was written is unknown.
+        let _ = tx.send(WatchMessage::Changes(vec![Change::Rescan(
+            Rescan::Uncertain,
+        )]));
         let registry = Arc::clone(self);
         let thread = std::thread::Builder::new()
             .name("tailkitd-tools-watch".into())
             .spawn(move || {
-                while let Ok(WatchMessage::Changed) = rx.recv() {
-                    let deadline = Instant::now() + DEBOUNCE;
-                    loop {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        match rx.recv_timeout(left) {
-                            Ok(WatchMessage::Changed) => {}
-                            Err(mpsc::RecvTimeoutError::Timeout) => break,
-                            Ok(WatchMessage::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                                return;
+                let mut pace = Pace::default();
+                loop {
+                    let first = match registry.next_wake(&pace) {
+                        None => rx.recv().ok(),
+                        Some(at) => {
+                            match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                                Ok(message) => Some(message),
+                                Err(mpsc::RecvTimeoutError::Timeout) => {
+                                    Some(WatchMessage::Changes(Vec::new()))
+                                }
+                                Err(mpsc::RecvTimeoutError::Disconnected) => None,
                             }
                         }
+                    };
+                    let Some(first) = first else { return };
+                    // Everything already queued goes into the same pass.
+                    let queued = std::iter::from_fn(|| rx.try_recv().ok());
+                    let mut changes = Vec::new();
+                    for message in std::iter::once(first).chain(queued) {
+                        match message {
+                            WatchMessage::Changes(c) => changes.extend(c),
+                            WatchMessage::Stop => return,
+                        }
                     }
-                    update_watches(&mut watcher, &registry.dir, &mut watched_ancestor);
-                    registry.reload();
+                    if touches_directory(&changes) {
+                        update_watches(&mut watcher, &registry.dir, &mut watched_ancestor);
+                    }
+                    registry.pass(changes, &mut pace);
                 }
             })
             .map_err(|e| watch_error(notify::Error::io(e)))?;
@@ -311,7 +421,7 @@ impl Registry {
 }
 
 enum WatchMessage {
-    Changed,
+    Changes(Vec<Change>),
     Stop,
 }
 
@@ -325,7 +435,7 @@ pub struct WatchGuard {
 impl std::fmt::Debug for WatchMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            WatchMessage::Changed => "Changed",
+            WatchMessage::Changes(_) => "Changes",
             WatchMessage::Stop => "Stop",
         })
     }
@@ -340,60 +450,6 @@ impl Drop for WatchGuard {
     }
 }
 
-/// Watches `dir` itself when it exists, and its nearest existing ancestor
-/// (normally its parent) so that the directory appearing or being replaced
-/// is seen. Re-watching `dir` after every rebuild picks up a directory that
-/// was created or replaced since.
-fn update_watches(watcher: &mut impl Watcher, dir: &Path, watched_ancestor: &mut Option<PathBuf>) {
-    let ancestor = dir
-        .ancestors()
-        .skip(1)
-        .find(|a| a.is_dir())
-        .map(Path::to_path_buf);
-    if ancestor != *watched_ancestor {
-        if let Some(old) = watched_ancestor.take() {
-            let _ = watcher.unwatch(&old);
-        }
-        if let Some(new) = &ancestor {
-            match watcher.watch(new, RecursiveMode::NonRecursive) {
-                Ok(()) => *watched_ancestor = ancestor.clone(),
-                Err(e) => tracing::warn!(dir = %new.display(), error = %e, "cannot watch"),
-            }
-        }
-    }
-    if dir.is_dir()
-        && let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive)
-    {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the tools directory");
-    }
-}
-
-/// Whether `event` (from the tools directory or from the ancestor watched
-/// beside it) may change what the directory holds. Not a read: opening and
-/// reading files (a rebuild's own scan among them) changes nothing, and
-/// would otherwise set off the next rebuild, forever. Of the rest: anything
-/// inside it;
-/// anything on the way to it (the directory, or a symlink to it, created,
-/// replaced or removed); a name starting with `..`, as the Kubernetes
-/// atomic writer uses beside a projected file (`..data`, `..2026_...`);
-/// and events that name no path (a rescan). Other files beside the
-/// directory are not its business.
-fn concerns(dir: &Path, event: &notify::Event) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind};
-    if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
-    {
-        return false;
-    }
-    event.paths.is_empty()
-        || event.need_rescan()
-        || event.paths.iter().any(|p| {
-            p.starts_with(dir)
-                || dir.starts_with(p)
-                || p.file_name()
-                    .is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
-        })
-}
-
 fn log_problems(index: &Index) {
     for p in index.problems() {
         tracing::warn!(file = %p.file.display(), field = %p.field, "tool file rejected: {}", p.message);
@@ -401,172 +457,4 @@ fn log_problems(index: &Index) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(dir: &Path, name: &str, cmds: &[(&str, &str)]) {
-        let commands: Vec<String> = cmds
-            .iter()
-            .map(|(n, prog)| format!(r#"{{"name": "{n}", "exec_parts": ["{prog}"]}}"#))
-            .collect();
-        let text = format!(
-            r#"{{"name": "{name}", "commands": [{}]}}"#,
-            commands.join(",")
-        );
-        std::fs::write(dir.join(format!("{name}.json")), text).unwrap();
-    }
-
-    #[test]
-    fn reload_reports_added_removed_and_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "a", &[("one", "true"), ("two", "true")]);
-        let registry = Registry::load(dir.path(), ToolLimits::default());
-        assert_eq!(registry.counts(), (1, 2));
-        let old = registry.lookup("a", "one").unwrap();
-        write(dir.path(), "a", &[("one", "false"), ("three", "true")]);
-        let report = registry.reload();
-        assert_eq!(report.added, ["a/three"]);
-        assert_eq!(report.removed, ["a/two"]);
-        assert_eq!(report.changed, ["a/one"]);
-        assert_eq!(
-            old.command.exec_parts,
-            ["true"],
-            "a held command never changes"
-        );
-        assert_eq!(
-            registry.lookup("a", "one").unwrap().command.exec_parts,
-            ["false"]
-        );
-        assert!(registry.lookup("a", "two").is_none());
-        assert!(registry.reload().is_empty(), "nothing changed since");
-    }
-
-    /// Polls `condition` every 10 ms for up to 10 s.
-    fn wait_for(what: &str, condition: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !condition() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    #[test]
-    fn the_watcher_rebuilds_for_the_directory_only_and_once_per_burst() {
-        let parent = tempfile::tempdir().unwrap();
-        let dir = parent.path().join("tools");
-        std::fs::create_dir(&dir).unwrap();
-        write(&dir, "a", &[("one", "true")]);
-        let registry = Arc::new(Registry::load(&dir, ToolLimits::default()));
-        let _watch = registry.spawn_watcher().unwrap();
-        wait_for("the first rebuild", || registry.rebuilds() >= 1);
-        std::thread::sleep(DEBOUNCE * 3);
-        let settled = registry.rebuilds();
-        // A rebuild's own scan (it opens and reads every file) sets off no
-        // other.
-        std::thread::sleep(DEBOUNCE * 5);
-        assert_eq!(registry.rebuilds(), settled, "rebuilt with nothing changed");
-
-        // Files beside the directory (an audit log, a state dir) are not
-        // its business.
-        for i in 0..20 {
-            std::fs::write(parent.path().join(format!("audit-{i}.jsonl")), "x").unwrap();
-        }
-        std::thread::sleep(DEBOUNCE * 5);
-        assert_eq!(
-            registry.rebuilds(),
-            settled,
-            "rebuilt for files beside the directory"
-        );
-
-        // A burst of writes in the directory: one rebuild, or a few.
-        for i in 0..20 {
-            write(&dir, "b", &[(&format!("c{i}"), "true")]);
-        }
-        wait_for("the burst to land", || {
-            registry.lookup("b", "c19").is_some()
-        });
-        std::thread::sleep(DEBOUNCE * 3);
-        let burst = registry.rebuilds() - settled;
-        assert!(
-            (1..10).contains(&burst),
-            "{burst} rebuilds for one burst of 20 writes"
-        );
-    }
-
-    #[test]
-    fn concurrent_reloads_never_store_an_older_scan() {
-        let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "a", &[("old", "true")]);
-        write(dir.path(), "b", &[("c", "true")]);
-        let registry = Arc::new(Registry::load(dir.path(), ToolLimits::default()));
-
-        // Reload A (say SIGHUP) scans the directory, then pauses before
-        // storing what it read.
-        let (scanned_tx, scanned) = mpsc::channel();
-        let (resume, resume_rx) = mpsc::channel::<()>();
-        let a = std::thread::spawn({
-            let registry = Arc::clone(&registry);
-            move || {
-                registry.reload_with(
-                    || {},
-                    || {
-                        scanned_tx.send(()).unwrap();
-                        let _ = resume_rx.recv();
-                    },
-                )
-            }
-        });
-        scanned.recv().unwrap();
-
-        // The directory changes and reload B (the watcher) runs meanwhile.
-        write(dir.path(), "a", &[("new", "true")]);
-        std::fs::remove_file(dir.path().join("b.json")).unwrap();
-        let (waiting_tx, waiting) = mpsc::channel::<()>();
-        let b = std::thread::spawn({
-            let registry = Arc::clone(&registry);
-            move || registry.reload_with(move || waiting_tx.send(()).unwrap(), || {})
-        });
-        // Serialized, B says it waits for A's lock; unserialized, B stores
-        // its scan and returns without a word (its sender is dropped).
-        // Either way A resumes only after that.
-        let _ = waiting.recv();
-        resume.send(()).unwrap();
-        a.join().unwrap();
-        b.join().unwrap();
-
-        let index = registry.snapshot();
-        let expected = Index::from_loaded(load_dir(dir.path(), &ToolLimits::default()));
-        assert_eq!(
-            index.commands(),
-            expected.commands(),
-            "the stored index must be the latest scan's"
-        );
-        assert!(index.lookup("a", "new").is_some());
-        assert!(index.lookup("a", "old").is_none());
-        assert!(index.lookup("b", "c").is_none());
-    }
-
-    #[test]
-    fn commands_without_cap_are_listed() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("t.json"),
-            r#"{"name": "t", "commands": [{"name": "open", "exec_parts": ["true"]},
-                {"name": "closed", "acl_cap": "example.com/cap/x", "exec_parts": ["true"]}]}"#,
-        )
-        .unwrap();
-        let registry = Registry::load(dir.path(), ToolLimits::default());
-        assert_eq!(
-            registry.commands_without_cap(),
-            [("t".to_string(), "open".to_string())]
-        );
-    }
-
-    #[test]
-    fn a_missing_directory_is_empty() {
-        let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::load(dir.path().join("nope"), ToolLimits::default());
-        assert_eq!(registry.counts(), (0, 0));
-        assert!(registry.problems().is_empty());
-    }
-}
+mod tests;
