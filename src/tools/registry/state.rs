@@ -53,8 +53,9 @@ pub(super) enum Rescan {
     /// Replaced atomically (a `..data` symlink renamed into place, the
     /// directory renamed or re-linked): a changed file is loaded at once.
     Atomic,
-    /// An explicit reload (SIGHUP): every file is read again now, except
-    /// those the watcher saw being written in place and still wait.
+    /// An explicit reload (SIGHUP): every file is read and validated again
+    /// now, except those the watcher saw being written in place and still
+    /// wait.
     Forced,
 }
 
@@ -159,7 +160,7 @@ impl DirState {
             Change::Gone(path) => self.remove(&path),
             Change::Replaced(path) => {
                 self.note_link(&path);
-                self.replace(&path);
+                self.replace(&path, false);
             }
             Change::Written(path, at) => self.written(path, at),
             Change::Entry(name, kind) => {
@@ -211,8 +212,8 @@ impl DirState {
 
     /// A file that arrived whole: read it now. If it changes while it is
     /// read, it is being written in place after all and waits to settle.
-    fn replace(&mut self, path: &Path) {
-        let (torn, loaded) = self.read(path, false);
+    fn replace(&mut self, path: &Path, fresh: bool) {
+        let (torn, loaded) = self.read(path, false, fresh);
         // Gone already, or not a regular file (ignored, as when listing).
         if loaded.key.is_none() && FileKey::stat(path).is_none() {
             return self.remove(path);
@@ -226,11 +227,13 @@ impl DirState {
     }
 
     /// Reads `path` (`settled`: once it has settled), reusing the tool in
-    /// force if the bytes are the same; and whether the file changed while
-    /// it was read.
-    fn read(&self, path: &Path, settled: bool) -> (bool, Loaded) {
+    /// force if the bytes are the same, unless `fresh` (an explicit reload
+    /// validates again what depends on more than the bytes, such as the
+    /// users a tool runs as); and whether the file changed while it was
+    /// read.
+    fn read(&self, path: &Path, settled: bool, fresh: bool) -> (bool, Loaded) {
         let raw = read_bytes(path);
-        let current = self.files.get(path).map(|e| &e.current);
+        let current = self.files.get(path).map(|e| &e.current).filter(|_| !fresh);
         let (bytes, outcome) = match raw.bytes {
             Ok(bytes) => {
                 let outcome = match current {
@@ -353,9 +356,9 @@ impl DirState {
                 .get(&path)
                 .is_some_and(|e| e.current.key == Some(key));
             match kind {
-                Rescan::Forced => self.replace(&path),
+                Rescan::Forced => self.replace(&path, true),
                 _ if same => {}
-                Rescan::Atomic => self.replace(&path),
+                Rescan::Atomic => self.replace(&path, false),
                 Rescan::Uncertain => self.wait(path, Some(key), false),
             }
         }
@@ -392,7 +395,7 @@ impl DirState {
                 self.wait(path, Some(key), false);
                 continue;
             }
-            let (torn, loaded) = self.read(&path, true);
+            let (torn, loaded) = self.read(&path, true, false);
             // Another version than the one that settled: wait for that one.
             // No version at all (it cannot be opened): that is its problem.
             if torn || loaded.key.is_some_and(|k| k != key) {

@@ -265,6 +265,26 @@ fn rescans_load_what_was_swapped_and_keep_what_did_not_change() {
 }
 
 #[test]
+fn same_bytes_are_not_parsed_again_except_on_an_explicit_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.json");
+    write(dir.path(), "a", &[("c", "v1")]);
+    let mut state = state_of(dir.path());
+    let tool = |state: &mut DirState| state.index().lookup("a", "c").unwrap().tool;
+    let first = tool(&mut state);
+    // The same bytes renamed into place: a new inode, the same tool.
+    let tmp = dir.path().join(".a.json.tmp");
+    std::fs::write(&tmp, tool_json("a", &[("c", "v1")])).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    state.apply(Change::Replaced(path));
+    assert!(Arc::ptr_eq(&first, &tool(&mut state)));
+    // SIGHUP validates again what depends on more than the bytes (the
+    // users a tool runs as).
+    state.rescan(Rescan::Forced);
+    assert!(!Arc::ptr_eq(&first, &tool(&mut state)));
+}
+
+#[test]
 fn a_huge_file_is_a_problem_and_the_others_load() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a", &[("c", "v1")]);
