@@ -18,6 +18,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use super::ExecSettings;
+use super::output::JobOutput;
 use super::result::{JobResult, rfc3339};
 use super::runner::{CancelReason, RunEnd, RunOutcome, RunSpec, Runner};
 use super::spawn::FIXED_PATH;
@@ -156,11 +157,15 @@ impl Executor {
                 return Err(refusal);
             }
         };
-        let admitted = match self
-            .inner
-            .store
-            .admit(caller.identity.owner(), tool, &command.name)
-        {
+        let output_cap = command
+            .max_output_bytes
+            .unwrap_or(self.inner.settings.max_output_bytes);
+        let admitted = match self.inner.store.admit_with_output(
+            caller.identity.owner(),
+            tool,
+            &command.name,
+            output_cap,
+        ) {
             Ok(admitted) => admitted,
             Err(e) => {
                 let refusal = Refusal::from(e);
@@ -181,9 +186,7 @@ impl Executor {
             timeout: command
                 .timeout
                 .unwrap_or(self.inner.settings.default_timeout),
-            max_output_bytes: command
-                .max_output_bytes
-                .unwrap_or(self.inner.settings.max_output_bytes),
+            max_output_bytes: output_cap,
             user: command
                 .user
                 .clone()
@@ -221,7 +224,7 @@ impl Executor {
                 finished: false,
             };
             let _ = answer.send(Ok(id));
-            job.run(spec, admitted.cancel).await;
+            job.run(spec, admitted.cancel, admitted.output).await;
         });
         let answer = answered.await.unwrap_or_else(|_| {
             Err(io::Error::other(
@@ -259,6 +262,11 @@ impl Executor {
     /// shared, not copied).
     pub fn get(&self, id: Uuid, caller: &Identity) -> Option<Arc<JobResult>> {
         self.inner.store.get(id, caller)
+    }
+
+    /// The output of job `id`, to follow it live, if `caller` owns it.
+    pub fn output(&self, id: Uuid, caller: &Identity) -> Option<Arc<JobOutput>> {
+        self.inner.store.output(id, caller)
     }
 
     /// Waits up to `wait` for job `id` to be terminal and returns it as it
@@ -364,12 +372,13 @@ impl RunningJob {
         mut self,
         spec: RunSpec,
         cancel: tokio::sync::watch::Receiver<Option<CancelReason>>,
+        output: Arc<JobOutput>,
     ) {
         let store = &self.inner.store;
         let outcome = self
             .inner
             .runner
-            .run(spec, cancel, |at| store.set_running(self.id, at))
+            .run_into(spec, &output, cancel, |at| store.set_running(self.id, at))
             .await;
         let (result, record) = self.conclude(outcome);
         self.pending = Some(result);

@@ -12,9 +12,12 @@
 //!   (`tailkitd-launch serve`) that starts and contains every command.
 //! - [`spawn`]: the spawner thread that starts the supervisor.
 //! - [`store`]: every job from acceptance until its result expires.
+//! - [`output`]: a job's one retained output buffer and its fixed event
+//!   sequence, which live streams read (SPEC §7).
 //! - [`result`]: the job result as the API shows it.
 
 pub mod executor;
+pub mod output;
 pub mod result;
 pub mod runner;
 pub mod spawn;
@@ -25,6 +28,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use executor::{Executor, JobCaller, Refusal};
+pub use output::JobOutput;
 pub use result::{JobResult, JobStatus};
 pub use runner::{CancelReason, Runner, RunnerSettings};
 pub use store::JobStore;

@@ -16,7 +16,7 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{Signal, kill, killpg};
@@ -28,6 +28,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::output::{JobOutput, Pipe};
 use super::spawn::resolve_program;
 use super::supervisor::{CgroupSetting, Submitted, Supervisor, SupervisorSettings};
 use crate::tools::RunAs;
@@ -240,6 +241,20 @@ impl Runner {
     pub async fn run(
         &self,
         spec: RunSpec,
+        cancel: watch::Receiver<Option<CancelReason>>,
+        on_start: impl FnOnce(SystemTime),
+    ) -> RunOutcome {
+        let output = JobOutput::new(spec.max_output_bytes);
+        self.run_into(spec, &output, cancel, on_start).await
+    }
+
+    /// [`Runner::run`], the output captured into `output` (whose cap
+    /// applies, not `spec.max_output_bytes`), where live readers follow
+    /// it; the outcome's output is moved out of it at the end.
+    pub async fn run_into(
+        &self,
+        spec: RunSpec,
+        output: &Arc<JobOutput>,
         mut cancel: watch::Receiver<Option<CancelReason>>,
         on_start: impl FnOnce(SystemTime),
     ) -> RunOutcome {
@@ -301,13 +316,11 @@ impl Runner {
         let mut on_start = Some(on_start);
         let mut started_at = None;
 
-        let stdout = Arc::new(Mutex::new(Output::default()));
-        let stderr = Arc::new(Mutex::new(Output::default()));
         let mut drains = JoinSet::new();
-        for (pipe, into) in [(out_read, &stdout), (err_read, &stderr)] {
+        for (pipe, kind) in [(out_read, Pipe::Stdout), (err_read, Pipe::Stderr)] {
             match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
                 Ok(reader) => {
-                    drains.spawn(drain(reader, spec.max_output_bytes, into.clone()));
+                    drains.spawn(drain(reader, output.clone(), kind));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read a command's output"),
             }
@@ -435,12 +448,11 @@ impl Runner {
         }
         let _ = tokio::time::timeout(FINAL_DRAIN, join_all(&mut drains)).await;
         drains.abort_all();
-        let take = |o: &Arc<Mutex<Output>>| std::mem::take(&mut *lock(o));
         RunOutcome {
             end,
             cancelled,
-            stdout: take(&stdout),
-            stderr: take(&stderr),
+            stdout: output.take(Pipe::Stdout),
+            stderr: output.take(Pipe::Stderr),
             started_at,
             finished_at: SystemTime::now(),
             duration: start.elapsed(),
@@ -601,26 +613,17 @@ async fn join_all(tasks: &mut JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
 }
 
-fn lock(output: &Mutex<Output>) -> std::sync::MutexGuard<'_, Output> {
-    output.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Reads `reader` to its end, keeping the first `cap` bytes and counting all.
-async fn drain(mut reader: impl AsyncRead + Unpin, cap: usize, into: Arc<Mutex<Output>>) {
+/// Reads `reader` to its end into `into` as `pipe` (which keeps the first
+/// bytes up to its cap and counts all).
+async fn drain(mut reader: impl AsyncRead + Unpin, into: Arc<JobOutput>, pipe: Pipe) {
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let n = match reader.read(&mut chunk).await {
+        match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let mut out = lock(&into);
-        let keep = n.min(cap.saturating_sub(out.data.len()));
-        out.data.extend_from_slice(&chunk[..keep]);
-        out.total += n as u64;
-        if keep < n {
-            out.truncated = true;
+            Ok(n) => into.write(pipe, &chunk[..n]),
         }
     }
+    into.close(pipe);
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! the owner who may see it, waiters for `?wait=`, cancellation, at most N
 //! jobs running, finished results kept for a TTL counted from completion, at
 //! most M of them and at most B bytes of their output (oldest evicted first).
+//! Each job also holds its [`JobOutput`], which live streams follow: the
+//! store tells it when the job runs and hands it the terminal result.
 //!
 //! The shape is mini-redis's `db.rs`: shared state behind a std `Mutex`
 //! (never held across an `.await`), expirations purged by one background
@@ -17,9 +19,13 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::output::JobOutput;
 use super::result::{JobResult, JobStatus};
 use super::runner::CancelReason;
 use crate::identity::{Identity, Owner};
+
+/// The output cap of jobs admitted with [`JobStore::admit`] (SPEC's 1 MiB).
+const DEFAULT_OUTPUT_CAP: usize = 1 << 20;
 
 /// Store limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +59,8 @@ pub struct Admitted {
     pub id: Uuid,
     /// Becomes `Some` when the job is to be cancelled.
     pub cancel: watch::Receiver<Option<CancelReason>>,
+    /// The job's output, for the runner to capture into.
+    pub output: Arc<JobOutput>,
 }
 
 /// The job store. Dropping it stops its purge task.
@@ -99,6 +107,8 @@ struct Job {
     result: Option<Arc<JobResult>>,
     updates: watch::Sender<JobStatus>,
     cancel: watch::Sender<Option<CancelReason>>,
+    /// Its output and events, shared with the runner and live streams.
+    output: Arc<JobOutput>,
 }
 
 impl Job {
@@ -149,6 +159,22 @@ impl JobStore {
     /// SPEC §3 orders 429 before 503), [`AdmitError::ShuttingDown`] after
     /// [`JobStore::begin_shutdown`].
     pub fn admit(&self, owner: Owner, tool: &str, command: &str) -> Result<Admitted, AdmitError> {
+        self.admit_with_output(owner, tool, command, DEFAULT_OUTPUT_CAP)
+    }
+
+    /// [`JobStore::admit`] for a job that keeps at most `output_cap` bytes
+    /// per output stream.
+    ///
+    /// # Errors
+    ///
+    /// As [`JobStore::admit`].
+    pub fn admit_with_output(
+        &self,
+        owner: Owner,
+        tool: &str,
+        command: &str,
+        output_cap: usize,
+    ) -> Result<Admitted, AdmitError> {
         let mut state = self.shared.lock();
         if state.active >= self.shared.limits.max_running {
             return Err(AdmitError::Busy(self.shared.limits.max_running));
@@ -158,6 +184,7 @@ impl JobStore {
         }
         let id = Uuid::new_v4();
         let (cancel, cancel_rx) = watch::channel(None);
+        let output = JobOutput::new(output_cap);
         state.jobs.insert(
             id,
             Job {
@@ -169,6 +196,7 @@ impl JobStore {
                 result: None,
                 updates: watch::Sender::new(JobStatus::Accepted),
                 cancel,
+                output: output.clone(),
             },
         );
         state.active += 1;
@@ -176,6 +204,7 @@ impl JobStore {
         Ok(Admitted {
             id,
             cancel: cancel_rx,
+            output,
         })
     }
 
@@ -189,9 +218,13 @@ impl JobStore {
             .get(&id)
             .is_some_and(|job| !job.status.is_terminal())
         {
-            state.remove(id);
+            let job = state.remove(id);
             state.active -= 1;
             self.shared.active.send_replace(state.active);
+            drop(state);
+            if let Some(job) = job {
+                job.output.abort("the job was not started");
+            }
         }
     }
 
@@ -202,6 +235,7 @@ impl JobStore {
             job.status = JobStatus::Running;
             job.started = Some((Instant::now(), at));
             job.updates.send_replace(JobStatus::Running);
+            job.output.enter_running();
         }
     }
 
@@ -224,6 +258,12 @@ impl JobStore {
         self.shared.active.send_replace(state.active);
         let was_empty = state.finished.is_empty();
         state.push_finished(id, result, Instant::now() + self.shared.limits.ttl);
+        // Live streams read the stored result's output: it is the buffer
+        // they followed, moved, not a copy.
+        let sealed = state
+            .jobs
+            .get(&id)
+            .and_then(|job| Some((job.output.clone(), job.result.clone()?)));
         let limits = &self.shared.limits;
         // `len() > 1`: the result just stored (the newest) stays even when it
         // alone is over the budget, so its caller can read it.
@@ -235,10 +275,20 @@ impl JobStore {
             }
         }
         drop(state);
+        if let Some((output, result)) = sealed {
+            output.seal(result);
+        }
         if was_empty {
             // The purge task sleeps forever while nothing is finished.
             self.shared.background.notify_one();
         }
+    }
+
+    /// The output of job `id` (to follow it live), if `caller` owns it.
+    pub fn output(&self, id: Uuid, caller: &Identity) -> Option<Arc<JobOutput>> {
+        let state = self.shared.lock();
+        let job = state.jobs.get(&id).filter(|j| caller.owns(&j.owner))?;
+        Some(job.output.clone())
     }
 
     /// The job `id` if `caller` owns it. A finished result is shared, not
