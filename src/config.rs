@@ -21,6 +21,10 @@ pub const DEFAULT_MAX_JOBS: usize = 16;
 pub const DEFAULT_PORT: u16 = 80;
 /// Default time running jobs get to finish at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default time between heartbeats on a live job stream.
+pub const DEFAULT_STREAM_HEARTBEAT: Duration = Duration::from_secs(15);
+/// Default number of live job streams one peer may have open.
+pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16;
 
 /// Flags of `tailkitd run`. Every value is optional here: an absent flag
 /// falls back to its environment variable (clap reads those), then to the
@@ -90,6 +94,14 @@ pub struct RunArgs {
     #[arg(long, env = "TAILKITD_CGROUP")]
     pub cgroup: Option<String>,
 
+    /// Time between heartbeat comments on a live job stream (Go duration) [default: 15s]
+    #[arg(long, env = "TAILKITD_STREAM_HEARTBEAT", value_parser = parse_duration)]
+    pub stream_heartbeat: Option<Duration>,
+
+    /// Live job streams (?stream=true) one peer may have open at once; more get 429 [default: 16]
+    #[arg(long, env = "TAILKITD_MAX_STREAMS_PER_PEER")]
+    pub max_streams_per_peer: Option<usize>,
+
     /// TOML config file [default: /etc/tailkitd/tailkitd.toml if present]
     #[arg(long, env = "TAILKITD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -131,6 +143,8 @@ struct FileConfig {
     shutdown_grace: Option<String>,
     command_user: Option<String>,
     cgroup: Option<String>,
+    stream_heartbeat: Option<String>,
+    max_streams_per_peer: Option<usize>,
 }
 
 /// A secret that never shows in `Debug` output or logs.
@@ -188,6 +202,10 @@ pub struct Settings {
     pub command_user: Option<crate::tools::RunAs>,
     /// Where job cgroups go.
     pub cgroup: crate::run::CgroupSetting,
+    /// Time between heartbeats on a live job stream.
+    pub stream_heartbeat: Duration,
+    /// Live job streams one peer may have open at once.
+    pub max_streams_per_peer: usize,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -322,6 +340,32 @@ impl Settings {
             })?,
             None => crate::run::CgroupSetting::Auto,
         };
+        let stream_heartbeat = match (args.stream_heartbeat, file.stream_heartbeat) {
+            (Some(d), _) => d,
+            (None, Some(text)) => {
+                parse_duration(&text).map_err(|message| ConfigError::Invalid {
+                    setting: "--stream-heartbeat",
+                    message,
+                })?
+            }
+            (None, None) => DEFAULT_STREAM_HEARTBEAT,
+        };
+        if stream_heartbeat.is_zero() {
+            return Err(ConfigError::Invalid {
+                setting: "--stream-heartbeat",
+                message: "must be more than 0".into(),
+            });
+        }
+        let max_streams_per_peer = args
+            .max_streams_per_peer
+            .or(file.max_streams_per_peer)
+            .unwrap_or(DEFAULT_MAX_STREAMS_PER_PEER);
+        if max_streams_per_peer == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "--max-streams-per-peer",
+                message: "must be at least 1".into(),
+            });
+        }
         let audit_log = args
             .audit_log
             .or(file.audit_log)
@@ -343,6 +387,8 @@ impl Settings {
             shutdown_grace,
             command_user,
             cgroup,
+            stream_heartbeat,
+            max_streams_per_peer,
             config_file,
         })
     }
@@ -535,6 +581,8 @@ mod tests {
         assert_eq!(s.shutdown_grace, Duration::from_secs(10));
         assert_eq!(s.command_user, None);
         assert_eq!(s.cgroup, crate::run::CgroupSetting::Auto);
+        assert_eq!(s.stream_heartbeat, Duration::from_secs(15));
+        assert_eq!(s.max_streams_per_peer, 16);
     }
 
     #[test]
@@ -561,6 +609,41 @@ mod tests {
         let cli = Cli::try_parse_from(["t", "--config", "/dev/null", "--cgroup", "off"]).unwrap();
         let s = Settings::resolve(cli.run, no_env, "h").unwrap();
         assert_eq!(s.cgroup, crate::run::CgroupSetting::Off);
+    }
+
+    #[test]
+    fn stream_settings_come_from_flags_or_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config_file(
+            dir.path(),
+            "stream_heartbeat = \"500ms\"\nmax_streams_per_peer = 3\n",
+        );
+        let cli = Cli::try_parse_from(["t", "--config", cfg.to_str().unwrap()]).unwrap();
+        let s = Settings::resolve(cli.run, no_env, "h").unwrap();
+        assert_eq!(s.stream_heartbeat, Duration::from_millis(500));
+        assert_eq!(s.max_streams_per_peer, 3);
+        let cli = Cli::try_parse_from([
+            "t",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--stream-heartbeat",
+            "2s",
+            "--max-streams-per-peer",
+            "1",
+        ])
+        .unwrap();
+        let s = Settings::resolve(cli.run, no_env, "h").unwrap();
+        assert_eq!(s.stream_heartbeat, Duration::from_secs(2));
+        assert_eq!(s.max_streams_per_peer, 1);
+        for (flag, value) in [
+            ("--stream-heartbeat", "0s"),
+            ("--max-streams-per-peer", "0"),
+        ] {
+            let cli =
+                Cli::try_parse_from(["t", "--config", cfg.to_str().unwrap(), flag, value]).unwrap();
+            let err = Settings::resolve(cli.run, no_env, "h").unwrap_err();
+            assert!(err.to_string().starts_with(flag), "{err}");
+        }
     }
 
     #[test]

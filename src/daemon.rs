@@ -159,6 +159,8 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         audit.clone(),
         ApiSettings {
             require_cap: settings.require_cap,
+            stream_heartbeat: settings.stream_heartbeat,
+            max_streams_per_peer: settings.max_streams_per_peer,
             ..ApiSettings::new(
                 settings.hostname.clone(),
                 allowed_hosts(&settings.hostname, &status),

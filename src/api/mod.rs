@@ -12,18 +12,20 @@
 //! the checks up to the body; the rest is the executor's
 //! [`submit`](crate::run::Executor::submit), whose [`Refusal`] is mapped to
 //! its status here. Every refusal of an exec request is audited
-//! (`exec.denied`).
+//! (`exec.denied`). With `?stream=true`, both `POST /exec/{tool}/{cmd}` and
+//! `GET /exec/jobs/{id}` answer with the job's live events ([`stream`]).
 
 mod body;
 mod error;
 mod guard;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Path, Request, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router, middleware};
@@ -57,6 +59,10 @@ pub struct ApiSettings {
     pub body_timeout: Duration,
     /// Largest `?wait=` (60 s).
     pub max_wait: Duration,
+    /// Time between heartbeat comments on a live stream (15 s).
+    pub stream_heartbeat: Duration,
+    /// Live streams one peer may have open at once (16); more get `429`.
+    pub max_streams_per_peer: usize,
 }
 
 impl ApiSettings {
@@ -70,6 +76,8 @@ impl ApiSettings {
             max_body_bytes: 64 << 10,
             body_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(60),
+            stream_heartbeat: Duration::from_secs(15),
+            max_streams_per_peer: 16,
         }
     }
 }
@@ -88,6 +96,8 @@ struct ApiInner {
     settings: ApiSettings,
     /// `allowed_hosts`, normalized; replaced by [`Api::set_allowed_hosts`].
     hosts: AllowedHosts,
+    /// Live streams open, per peer.
+    streams: Arc<stream::StreamSlots>,
 }
 
 impl Api {
@@ -100,6 +110,7 @@ impl Api {
         settings: ApiSettings,
     ) -> Self {
         let hosts = AllowedHosts::new(&settings.allowed_hosts);
+        let streams = stream::StreamSlots::new(settings.max_streams_per_peer);
         Api {
             inner: Arc::new(ApiInner {
                 registry,
@@ -107,6 +118,7 @@ impl Api {
                 audit,
                 settings,
                 hosts,
+                streams,
             }),
         }
     }
@@ -193,13 +205,20 @@ async fn exec_command(
     request: Request,
 ) -> Result<Response, ApiError> {
     let target = (tool.as_str(), cmd.as_str());
-    let (entry, args, wait) = match read_exec_request(&api, &caller, target, request).await {
+    let streaming = stream::requested(request.uri());
+    let checked = read_exec_request(&api, &caller, target, request)
+        .await
+        .and_then(|ready| stream::check_mode(&streaming, ready.2).map(|()| ready));
+    let (entry, args, wait) = match checked {
         Ok(ready) => ready,
         Err(err) => {
             api.deny(caller.job().audit(), target, &err).await;
             return Err(err);
         }
     };
+    if matches!(streaming, Ok(true)) {
+        return stream::run_and_follow(&api, &caller, target, &entry, &args).await;
+    }
     let id = api
         .inner
         .executor
@@ -283,9 +302,15 @@ async fn get_job(
     Extension(caller): Extension<Caller>,
     Segments(prefix, id): Segments,
     uri: Uri,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = job_id(&prefix, &id)?;
     let wait = body::parse_wait(&uri, api.inner.settings.max_wait)?;
+    let streaming = stream::requested(&uri);
+    stream::check_mode(&streaming, wait)?;
+    if streaming == Ok(true) {
+        return stream::follow_job(&api, &caller, id, &headers);
+    }
     let result = match wait {
         Some(wait) => api.inner.executor.wait(id, &caller.identity, wait).await,
         None => api.inner.executor.get(id, &caller.identity),
