@@ -1,11 +1,15 @@
 //! A small HTTP/1.1 client for the exec API over any byte stream (a tailnet
 //! connection from `Node::dial`, a loopback socket): what `tailkitd demo`
 //! and the integration tests use to call a daemon the way the Go SDK does.
+//! [`open_stream`] follows a live job stream (`?stream=true`, SPEC §7)
+//! event by event, with the [`sse`] parser.
+
+pub mod sse;
 
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -37,6 +41,9 @@ pub enum ClientError {
     /// No answer in time.
     #[error("no response within {0:?}")]
     Timeout(Duration),
+    /// The event stream broke the SSE format.
+    #[error("event stream: {0}")]
+    Stream(#[from] sse::SseError),
 }
 
 /// One request to send.
@@ -108,9 +115,23 @@ async fn exchange<S>(stream: S, call: Call<'_>) -> Result<Response, ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let driver = tokio::spawn(conn);
+    let (resp, driver) = request(stream, call).await?;
+    read_response(resp, driver).await
+}
 
+/// Sends `call` and returns the response head, its body not read yet, and
+/// the task driving the connection.
+async fn request<S>(
+    stream: S,
+    call: Call<'_>,
+) -> Result<(hyper::Response<Incoming>, tokio::task::JoinHandle<()>), ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
     let mut req = Request::builder()
         .method(call.method)
         .uri(call.path)
@@ -123,6 +144,14 @@ where
     }
     let req = req.body(Full::new(Bytes::from(call.body)))?;
     let resp = sender.send_request(req).await?;
+    Ok((resp, driver))
+}
+
+/// Reads the whole body of `resp`, then stops the connection.
+async fn read_response(
+    resp: hyper::Response<Incoming>,
+    driver: tokio::task::JoinHandle<()>,
+) -> Result<Response, ClientError> {
     let status = resp.status();
     let retry_after = resp
         .headers()
@@ -130,7 +159,6 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
     let body = resp.into_body().collect().await?.to_bytes();
-    drop(sender);
     driver.abort();
     let text = String::from_utf8_lossy(&body).into_owned();
     let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
@@ -140,6 +168,116 @@ where
         text,
         json,
     })
+}
+
+/// What [`open_stream`] got: the event stream, or a plain answer (a
+/// refusal: `404`, `429`, ... with its JSON error).
+#[derive(Debug)]
+pub enum Opened {
+    /// `200 text/event-stream`: the events follow.
+    Events(EventStream),
+    /// Anything else, read whole.
+    Answer(Response),
+}
+
+/// A live job stream (SPEC §7), read event by event as it arrives.
+#[derive(Debug)]
+pub struct EventStream {
+    /// The response headers (`Content-Type`, `Cache-Control`, ...).
+    pub headers: hyper::HeaderMap,
+    body: Incoming,
+    parser: sse::Parser,
+    driver: tokio::task::JoinHandle<()>,
+    ended: bool,
+}
+
+impl EventStream {
+    /// The next event or comment (a heartbeat); `None` once the server
+    /// ended the stream.
+    ///
+    /// # Errors
+    ///
+    /// When the connection fails or the stream is not well-formed SSE.
+    pub async fn next(&mut self) -> Result<Option<sse::Item>, ClientError> {
+        loop {
+            if let Some(item) = self.parser.next_item()? {
+                return Ok(Some(item));
+            }
+            if self.ended {
+                return Ok(self.parser.finish());
+            }
+            match self.body.frame().await {
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.parser.feed(&data)?;
+                    }
+                }
+                None => self.ended = true,
+            }
+        }
+    }
+
+    /// The next event, skipping comments; `None` at the end.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventStream::next`].
+    pub async fn next_event(&mut self) -> Result<Option<sse::Event>, ClientError> {
+        loop {
+            match self.next().await? {
+                Some(sse::Item::Event(event)) => return Ok(Some(event)),
+                Some(sse::Item::Comment(_)) => {}
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        // Closes the connection: the server sees the client go away.
+        self.driver.abort();
+    }
+}
+
+/// Sends `call` (e.g. `GET /exec/jobs/{id}?stream=true`, with
+/// `Last-Event-ID` among its headers to resume) over `stream` and, when
+/// the answer is an event stream, returns it to be read as it arrives;
+/// the head must come within `timeout` (the events take their time).
+///
+/// # Errors
+///
+/// When the exchange fails or no head comes within `timeout`.
+pub async fn open_stream<S>(
+    stream: S,
+    call: Call<'_>,
+    timeout: Duration,
+) -> Result<Opened, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (resp, driver) = tokio::time::timeout(timeout, request(stream, call))
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))??;
+    let is_events = resp.status() == StatusCode::OK
+        && resp
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !is_events {
+        return tokio::time::timeout(timeout, read_response(resp, driver))
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
+            .map(Opened::Answer);
+    }
+    let (parts, body) = resp.into_parts();
+    Ok(Opened::Events(EventStream {
+        headers: parts.headers,
+        body,
+        parser: sse::Parser::default(),
+        driver,
+        ended: false,
+    }))
 }
 
 #[cfg(test)]
