@@ -13,6 +13,7 @@ mod cli;
 mod isolation;
 mod lifecycle;
 mod startup;
+mod stream;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
