@@ -97,7 +97,10 @@ async fn run() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let r = alice.call(HOST, Call::get(HOST, "/tools")).await.expect("GET /tools");
+        let r = alice
+            .call(HOST, Call::get(HOST, "/tools"))
+            .await
+            .expect("GET /tools");
         if r.text.contains("\"clock\"") {
             break;
         }

@@ -18,8 +18,9 @@
 //!
 //! The event index does not grow per line: it holds one entry per *run*
 //! of consecutive lines from the same stream (a switch between stdout and
-//! stderr starts one), and a reader finds a run's lines by scanning its
-//! bytes again with the same rule that counted them. Runs cost
+//! stderr starts one, and so does every 4096th line, to bound a resume's
+//! scan), and a reader finds a run's lines by scanning its bytes again
+//! with the same rule that counted them. Runs cost
 //! [`INDEX_ENTRY_BYTES`] each; a stream gets `cap / 16 + 1 KiB` of them
 //! free, and past that each run counts against the stream's cap, so a
 //! command that alternates tiny lines between stdout and stderr keeps less
@@ -32,15 +33,18 @@
 //! completed, and last the terminal status and `job.completed` or
 //! `job.failed`.
 
-use std::borrow::Cow;
+mod buffer;
+mod event;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use serde::Serialize;
 use tokio::sync::watch;
 
 use super::result::{JobResult, JobStatus};
 use super::runner::Output;
+use buffer::{Buffer, Data, Unreadable, next_piece};
+pub use event::{Event, Pipe, Terminal};
 
 /// Longest line an event carries, in bytes of UTF-8; longer lines are
 /// split into several events. Even escaped as JSON (at most 6 bytes per
@@ -50,150 +54,9 @@ pub const MAX_LINE_BYTES: usize = 16 * 1024;
 /// What one entry of the event index costs against a stream's cap.
 pub const INDEX_ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
-/// One of the two output streams of a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pipe {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
-}
-
-impl Pipe {
-    /// `"stdout"` or `"stderr"`, as events name them.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pipe::Stdout => "stdout",
-            Pipe::Stderr => "stderr",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            Pipe::Stdout => 0,
-            Pipe::Stderr => 1,
-        }
-    }
-}
-
-/// How a job ended, as its terminal event tells it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Terminal {
-    /// `completed`, `failed` or `cancelled`.
-    pub status: JobStatus,
-    /// The job's exit code (-1 unless it exited).
-    pub exit_code: i32,
-    /// Why it failed or was cancelled.
-    pub error: Option<String>,
-    /// The signal that killed it, if one did.
-    pub signal: Option<String>,
-    /// Whether stdout was cut at its cap (events cover what was kept).
-    pub stdout_truncated: bool,
-    /// Whether stderr was cut at its cap.
-    pub stderr_truncated: bool,
-}
-
-impl Terminal {
-    fn of(result: &JobResult) -> Self {
-        Terminal {
-            status: result.status,
-            exit_code: result.exit_code,
-            error: result.error.clone(),
-            signal: result.signal.clone(),
-            stdout_truncated: result.stdout_truncated,
-            stderr_truncated: result.stderr_truncated,
-        }
-    }
-}
-
-/// One event of a job's sequence, borrowed from its buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event<'a> {
-    /// The job entered `status` (`job.status`).
-    Status(JobStatus),
-    /// One line of output (`job.stdout` / `job.stderr`).
-    Line {
-        /// The stream it came on.
-        pipe: Pipe,
-        /// The line, without its newline.
-        line: Cow<'a, str>,
-    },
-    /// The end: `job.completed` for `completed`, else `job.failed`.
-    Finished(&'a Terminal),
-}
-
-/// An event's JSON: the Go SDK's `types.JobUpdate` fields, plus, on the
-/// terminal event, the additive `signal` and `*_truncated`.
-#[derive(Serialize)]
-struct Update<'a> {
-    job_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    line: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    exit_code: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    signal: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stdout_truncated: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stderr_truncated: Option<bool>,
-}
-
-impl Event<'_> {
-    /// The event's name: `job.status`, `job.stdout`, `job.stderr`,
-    /// `job.completed` or `job.failed`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Event::Status(_) => "job.status",
-            Event::Line {
-                pipe: Pipe::Stdout, ..
-            } => "job.stdout",
-            Event::Line {
-                pipe: Pipe::Stderr, ..
-            } => "job.stderr",
-            Event::Finished(t) if t.status == JobStatus::Completed => "job.completed",
-            Event::Finished(_) => "job.failed",
-        }
-    }
-
-    /// Appends the event's JSON (one line: no raw newline) for job
-    /// `job_id` to `out`.
-    pub fn write_json(&self, job_id: &str, out: &mut Vec<u8>) {
-        let mut update = Update {
-            job_id,
-            line: None,
-            stream: None,
-            status: None,
-            exit_code: None,
-            error: None,
-            signal: None,
-            stdout_truncated: None,
-            stderr_truncated: None,
-        };
-        match self {
-            Event::Status(status) => update.status = Some(status.as_str()),
-            Event::Line { pipe, line } => {
-                update.line = Some(line);
-                update.stream = Some(pipe.as_str());
-            }
-            Event::Finished(t) => {
-                update.exit_code = Some(t.exit_code);
-                update.error = t.error.as_deref();
-                update.signal = t.signal.as_deref();
-                update.stdout_truncated = Some(t.stdout_truncated);
-                update.stderr_truncated = Some(t.stderr_truncated);
-            }
-        }
-        // Writing plain data into a Vec cannot fail.
-        let _ = serde_json::to_writer(out, &update);
-    }
-}
+/// Lines in one index entry at most, so that resuming in the middle of a
+/// run scans at most this many lines.
+const RUN_LINES: u32 = 4096;
 
 /// Where a reader is in a job's sequence: the next event it wants, and
 /// where that event's line starts, so that following a job costs no
@@ -311,228 +174,6 @@ impl Entry {
     }
 }
 
-#[derive(Debug)]
-struct Buffer {
-    data: Data,
-    /// Start of the first line not counted as an event yet.
-    counted: usize,
-    /// No more bytes come: end of file, the cap reached, or taken.
-    closed: bool,
-    /// Bytes were dropped at the cap.
-    truncated: bool,
-    /// An incomplete UTF-8 sequence carried to the next write.
-    pending: Vec<u8>,
-    /// Index bytes attributed to this stream.
-    index_bytes: usize,
-}
-
-#[derive(Debug)]
-enum Data {
-    Live(Vec<u8>),
-    /// Moved into the job's result; `usize` is its length.
-    Taken(usize),
-    /// The job's result holds the bytes.
-    Shared(Arc<JobResult>, Pipe),
-    /// The result does not hold the bytes that were taken (its task ended
-    /// early): the lines cannot be read any more.
-    Lost,
-}
-
-impl Data {
-    fn bytes(&self) -> Result<&[u8], Unreadable> {
-        match self {
-            Data::Live(v) => Ok(v),
-            Data::Shared(result, Pipe::Stdout) => Ok(result.stdout.as_bytes()),
-            Data::Shared(result, Pipe::Stderr) => Ok(result.stderr.as_bytes()),
-            Data::Taken(_) => Err(Unreadable::InFlight),
-            Data::Lost => Err(Unreadable::Lost),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Data::Taken(len) => *len,
-            other => other.bytes().map_or(0, <[u8]>::len),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unreadable {
-    /// Between the end of the run and the stored result.
-    InFlight,
-    Lost,
-}
-
-impl Buffer {
-    fn new() -> Self {
-        Buffer {
-            data: Data::Live(Vec::new()),
-            counted: 0,
-            closed: false,
-            truncated: false,
-            pending: Vec::new(),
-            index_bytes: 0,
-        }
-    }
-
-    /// Bytes that may still be kept: the cap, less what is kept, less the
-    /// index bytes past the free allowance.
-    fn room(&self, cap: usize) -> usize {
-        let excess = self.index_bytes.saturating_sub(free_index_bytes(cap));
-        cap.saturating_sub(self.data.len() + excess)
-    }
-
-    /// Keeps `input` (raw bytes, an incomplete UTF-8 sequence at its end
-    /// carried over) as UTF-8 text, up to the cap.
-    fn push_bytes(&mut self, input: &[u8], cap: usize) {
-        let mut rest = input;
-        while !rest.is_empty() {
-            match std::str::from_utf8(rest) {
-                Ok(text) => {
-                    self.push_text(text, cap);
-                    return;
-                }
-                Err(e) => {
-                    let (valid, after) = rest.split_at(e.valid_up_to());
-                    if let Ok(text) = std::str::from_utf8(valid)
-                        && !self.push_text(text, cap)
-                    {
-                        return;
-                    }
-                    match e.error_len() {
-                        Some(n) => {
-                            if !self.push_text("\u{FFFD}", cap) {
-                                return;
-                            }
-                            rest = &after[n..];
-                        }
-                        None => {
-                            self.pending = after.to_vec();
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Keeps as much of `text` as fits, cut at a character boundary;
-    /// returns whether all of it did.
-    fn push_text(&mut self, text: &str, cap: usize) -> bool {
-        let room = self.room(cap);
-        let Data::Live(data) = &mut self.data else {
-            return false;
-        };
-        if self.closed {
-            self.truncated |= !text.is_empty();
-            return false;
-        }
-        let mut keep = text.len().min(room);
-        while !text.is_char_boundary(keep) {
-            keep -= 1;
-        }
-        reserve_within(data, keep, cap);
-        data.extend_from_slice(&text.as_bytes()[..keep]);
-        if keep < text.len() {
-            self.truncated = true;
-        }
-        if keep == room {
-            // Full: what is kept is final, its last line can go out.
-            self.closed = true;
-            self.pending.clear();
-        }
-        keep == text.len()
-    }
-
-    /// The end of the input: a carried incomplete sequence becomes U+FFFD.
-    fn finish_input(&mut self, cap: usize) {
-        if !self.pending.is_empty() {
-            self.pending.clear();
-            self.push_text("\u{FFFD}", cap);
-        }
-        self.closed = true;
-    }
-}
-
-/// The index bytes a stream with `cap` gets without counting them against
-/// the cap.
-fn free_index_bytes(cap: usize) -> usize {
-    cap / 16 + 1024
-}
-
-/// Grows `data` for `additional` more bytes, doubling but never past
-/// `limit` (the cap), so that a full buffer holds no spare capacity.
-fn reserve_within(data: &mut Vec<u8>, additional: usize, limit: usize) {
-    let needed = data.len() + additional;
-    if needed <= data.capacity() {
-        return;
-    }
-    let target = (data.capacity() * 2)
-        .max(needed)
-        .max(4096)
-        .min(limit.max(needed));
-    data.reserve_exact(target - data.len());
-}
-
-/// One line event's place in its stream's bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Piece {
-    /// Where the next piece starts.
-    end: usize,
-    /// Where the line's text ends (before `\n` or `\r\n`).
-    text_end: usize,
-}
-
-/// The line event that starts at `at` in `bytes` (valid UTF-8), if it is
-/// complete: it ends at a newline, or is cut at [`MAX_LINE_BYTES`], or is
-/// what is left of a `closed` stream. The same bytes always give the same
-/// pieces, which is what makes event ids fixed: a piece is only decided
-/// once the bytes that decide it are there (a newline, or enough bytes to
-/// know the line is too long).
-fn next_piece(bytes: &[u8], at: usize, closed: bool) -> Option<Piece> {
-    let available = bytes.len();
-    if at >= available {
-        return None;
-    }
-    let window = &bytes[at..available.min(at + MAX_LINE_BYTES + 2)];
-    if let Some(i) = memchr::memchr(b'\n', window) {
-        let newline = at + i;
-        let text_end = if newline > at && bytes[newline - 1] == b'\r' {
-            newline - 1
-        } else {
-            newline
-        };
-        if text_end - at <= MAX_LINE_BYTES {
-            return Some(Piece {
-                end: newline + 1,
-                text_end,
-            });
-        }
-    } else if !closed && window.len() < MAX_LINE_BYTES + 2 {
-        return None;
-    }
-    if available - at <= MAX_LINE_BYTES {
-        // The last partial line of a closed stream.
-        return Some(Piece {
-            end: available,
-            text_end: available,
-        });
-    }
-    // Too long: cut at the last character boundary within the limit.
-    let mut cut = at + MAX_LINE_BYTES;
-    while cut > at && bytes[cut] & 0xC0 == 0x80 {
-        cut -= 1;
-    }
-    if cut == at {
-        cut = at + MAX_LINE_BYTES;
-    }
-    Some(Piece {
-        end: cut,
-        text_end: cut,
-    })
-}
-
 impl Log {
     /// Counts the complete lines of `pipe` not counted yet as events, if
     /// the job is past `accepted` (or `force`, when it ends): lines never
@@ -541,41 +182,49 @@ impl Log {
         if self.status == JobStatus::Accepted && !force {
             return false;
         }
-        let buffer = &mut self.pipes[pipe.index()];
-        let Ok(bytes) = buffer.data.bytes() else {
+        let Log {
+            pipes,
+            entries,
+            events,
+            ..
+        } = self;
+        let buffer = &mut pipes[pipe.index()];
+        let Buffer {
+            data,
+            counted,
+            closed,
+            index_bytes,
+            ..
+        } = buffer;
+        let Ok(bytes) = data.bytes() else {
             return false;
         };
-        let start = buffer.counted;
-        let mut count: u32 = 0;
-        while let Some(piece) = next_piece(bytes, buffer.counted, buffer.closed) {
-            buffer.counted = piece.end;
-            count += 1;
-        }
-        if count == 0 {
-            return false;
-        }
-        match self.entries.last_mut() {
-            Some(Entry::Lines {
-                count: n, pipe: p, ..
-            }) if *p == pipe => *n += count,
-            _ => {
-                self.entries.push(Entry::Lines {
-                    first: self.events + 1,
-                    count,
-                    // The cap keeps offsets far below 4 GiB.
-                    start: u32::try_from(start).unwrap_or(u32::MAX),
-                    pipe,
-                });
-                let buffer = &mut self.pipes[pipe.index()];
-                buffer.index_bytes += INDEX_ENTRY_BYTES;
-                if buffer.room(cap) == 0 && !buffer.closed && matches!(buffer.data, Data::Live(_)) {
-                    buffer.closed = true;
-                    buffer.pending.clear();
+        let before = *events;
+        while let Some(piece) = next_piece(bytes, *counted, *closed) {
+            match entries.last_mut() {
+                Some(Entry::Lines { count, pipe: p, .. }) if *p == pipe && *count < RUN_LINES => {
+                    *count += 1;
+                }
+                _ => {
+                    entries.push(Entry::Lines {
+                        first: *events + 1,
+                        count: 1,
+                        // The cap keeps offsets far below 4 GiB.
+                        start: u32::try_from(*counted).unwrap_or(u32::MAX),
+                        pipe,
+                    });
+                    *index_bytes += INDEX_ENTRY_BYTES;
                 }
             }
+            *counted = piece.end;
+            *events += 1;
         }
-        self.events += u64::from(count);
-        true
+        if buffer.room(cap) == 0 && !buffer.closed && matches!(buffer.data, Data::Live(_)) {
+            // The index took the last room: what is kept is final.
+            buffer.closed = true;
+            buffer.pending.clear();
+        }
+        *events > before
     }
 
     fn enter(&mut self, status: JobStatus) {
@@ -871,5 +520,4 @@ impl JobOutput {
 }
 
 #[cfg(test)]
-#[path = "output_tests.rs"]
 mod tests;

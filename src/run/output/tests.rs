@@ -286,9 +286,10 @@ fn streams_interleave_in_arrival_order_with_one_index_entry_per_run() {
     );
     // accepted, running, then three runs of lines.
     assert_eq!(output.index_len(), 5);
-    // A flood of tiny lines on one stream adds no entry.
+    // A flood of tiny lines on one stream adds an entry per 4096 lines
+    // (so that resuming in it scans at most that many), not one per line.
     output.write(Pipe::Stdout, "\n".repeat(100_000).as_bytes());
-    assert_eq!(output.index_len(), 5);
+    assert_eq!(output.index_len(), 5 + 100_001 / 4096);
     assert_eq!(lines(&output).len(), 100_005);
 }
 
@@ -473,4 +474,20 @@ fn a_full_stream_only_counts() {
     assert_eq!(kept.data, b"12345678");
     assert_eq!(kept.total, 1_000_008);
     assert!(kept.truncated);
+}
+
+#[test]
+fn resuming_inside_long_runs_finds_the_same_lines() {
+    let output = running(1 << 20);
+    let text: String = (0..10_000).map(|i| format!("{i}\n")).collect();
+    output.write(Pipe::Stdout, text.as_bytes());
+    output.write(Pipe::Stderr, b"e\n");
+    output.write(Pipe::Stdout, b"tail\n");
+    let (all, _) = read_all(&output, &mut Cursor::start());
+    assert_eq!(all.len(), 2 + 10_002);
+    for last in [2, 3, 4097, 4098, 5000, 8193, 10_001, 10_002, 10_003] {
+        let (rest, state) = read_all(&output, &mut Cursor::after(last));
+        assert_eq!(rest[..], all[last as usize..], "after {last}");
+        assert_eq!(state, ReadState::Waiting);
+    }
 }
