@@ -403,6 +403,7 @@ impl JobOutput {
         }
         log.status = result.status;
         log.end = End::Sealed(Terminal::of(&result));
+        log.entries.shrink_to_fit();
         drop(log);
         self.notify();
     }
@@ -432,6 +433,13 @@ impl JobOutput {
     /// Bytes kept so far on `pipe`.
     pub fn kept(&self, pipe: Pipe) -> usize {
         self.read_log().pipes[pipe.index()].data.len()
+    }
+
+    /// Bytes of the event index's line entries (what the store counts
+    /// against its output budget, with the kept bytes).
+    pub fn index_bytes(&self) -> usize {
+        let log = self.read_log();
+        log.pipes.iter().map(|b| b.index_bytes).sum()
     }
 
     /// Entries in the event index (its memory is this times

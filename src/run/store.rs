@@ -109,6 +109,8 @@ struct Job {
     cancel: watch::Sender<Option<CancelReason>>,
     /// Its output and events, shared with the runner and live streams.
     output: Arc<JobOutput>,
+    /// What its result counts against the output budget once finished.
+    retained: usize,
 }
 
 impl Job {
@@ -197,6 +199,7 @@ impl JobStore {
                 updates: watch::Sender::new(JobStatus::Accepted),
                 cancel,
                 output: output.clone(),
+                retained: 0,
             },
         );
         state.active += 1;
@@ -258,12 +261,6 @@ impl JobStore {
         self.shared.active.send_replace(state.active);
         let was_empty = state.finished.is_empty();
         state.push_finished(id, result, Instant::now() + self.shared.limits.ttl);
-        // Live streams read the stored result's output: it is the buffer
-        // they followed, moved, not a copy.
-        let sealed = state
-            .jobs
-            .get(&id)
-            .and_then(|job| Some((job.output.clone(), job.result.clone()?)));
         let limits = &self.shared.limits;
         // `len() > 1`: the result just stored (the newest) stays even when it
         // alone is over the budget, so its caller can read it.
@@ -275,9 +272,6 @@ impl JobStore {
             }
         }
         drop(state);
-        if let Some((output, result)) = sealed {
-            output.seal(result);
-        }
         if was_empty {
             // The purge task sleeps forever while nothing is finished.
             self.shared.background.notify_one();
@@ -385,7 +379,7 @@ impl Drop for JobStore {
 }
 
 /// What a result counts against [`JobLimits::max_retained_output_bytes`]:
-/// its output as stored.
+/// its output as stored (its job's event index is added to it).
 fn output_bytes(result: &JobResult) -> usize {
     result.stdout.len() + result.stderr.len()
 }
@@ -400,8 +394,14 @@ impl State {
         // Only `finish` calls this, once per job (it returns early for a
         // terminal one).
         debug_assert!(job.result.is_none());
-        self.output_bytes += output_bytes(&result);
-        job.result = Some(Arc::new(result));
+        let result = Arc::new(result);
+        // Live streams read the stored result's output: it is the buffer
+        // they followed, moved, not a copy. Sealed first: the budget counts
+        // the job's event index too, complete only then.
+        job.output.seal(Arc::clone(&result));
+        job.retained = output_bytes(&result) + job.output.index_bytes();
+        self.output_bytes += job.retained;
+        job.result = Some(result);
         self.finished.push_back((expires, id));
     }
 
@@ -409,8 +409,8 @@ impl State {
     /// `output_bytes` stays exact.
     fn remove(&mut self, id: Uuid) -> Option<Job> {
         let job = self.jobs.remove(&id)?;
-        if let Some(result) = &job.result {
-            self.output_bytes -= output_bytes(result);
+        if job.result.is_some() {
+            self.output_bytes -= job.retained;
         }
         Some(job)
     }
@@ -495,8 +495,7 @@ mod tests {
         let recount: usize = state
             .jobs
             .values()
-            .filter_map(|j| j.result.as_deref())
-            .map(output_bytes)
+            .filter_map(|j| Some(output_bytes(j.result.as_deref()?) + j.output.index_bytes()))
             .sum();
         assert_eq!(state.output_bytes, recount, "accounting drifted");
         state.output_bytes
@@ -747,6 +746,28 @@ mod tests {
         assert_eq!(first.stderr.as_ptr(), waited.stderr.as_ptr());
         assert_eq!(first.stdout.len() + first.stderr.len(), 1 << 20);
         assert_eq!(output_bytes_held(&store), 1 << 20, "counted once");
+    }
+
+    #[tokio::test]
+    async fn the_budget_counts_a_finished_jobs_event_index() {
+        use crate::run::output::{INDEX_ENTRY_BYTES, Pipe};
+        let store = JobStore::new(limits());
+        let j = store.admit(alice().owner(), "t", "c").unwrap();
+        store.set_running(j.id, SystemTime::now());
+        for _ in 0..100 {
+            j.output.write(Pipe::Stdout, b"o\n");
+            j.output.write(Pipe::Stderr, b"e\n");
+        }
+        let (stdout, stderr) = (j.output.take(Pipe::Stdout), j.output.take(Pipe::Stderr));
+        let result = JobResult {
+            stdout: String::from_utf8(stdout.data).unwrap(),
+            stderr: String::from_utf8(stderr.data).unwrap(),
+            ..done(j.id, JobStatus::Completed)
+        };
+        store.finish(j.id, result);
+        assert_eq!(j.output.index_bytes(), 200 * INDEX_ENTRY_BYTES);
+        assert_eq!(output_bytes_held(&store), 400 + 200 * INDEX_ENTRY_BYTES);
+        assert!(j.output.is_sealed(), "finish seals the output");
     }
 
     #[tokio::test(start_paused = true)]
