@@ -14,9 +14,11 @@
 //! - [`tools`]: what may be run: tool files, their validation, the
 //!   live-reloading registry, argument checks, Go durations and patterns.
 //! - [`run`]: running it: the executor (the one seam the API calls), the
-//!   process runner and launcher, the job store.
+//!   process runner and launcher, the job store, and each job's output
+//!   buffer that live streams follow.
 //! - [`api`]: the HTTP routes, transport-agnostic: takes a resolved caller
-//!   per request and decides.
+//!   per request and decides; `?stream=true` answers with server-sent
+//!   events.
 //! - [`audit`]: the append-only JSON-lines audit log.
 //! - [`server`]: transport: the accept loop on the tailnet listener, HTTP/1.1
 //!   per connection, WhoIs per request.
@@ -24,7 +26,8 @@
 //! - [`daemon`]: `tailkitd run`, the pieces above put together.
 //! - [`startup`]: the clean start: re-executing without the auth key in
 //!   the environment, with the knobs tsnet reads from there.
-//! - [`client`]: a small HTTP client for the API over any stream.
+//! - [`client`]: a small HTTP client for the API over any stream, with an
+//!   SSE parser to follow live job streams.
 //! - [`localapi`]: the machine's tailscaled through its LocalAPI socket
 //!   (peer list and dial), for callers without a tsnet node of their own.
 //! - `demo` (feature `localnet`): `tailkitd demo` and `tailkitd localnet`.
