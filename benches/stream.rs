@@ -110,10 +110,11 @@ async fn run() {
 
     latency(&alice).await;
     let pid = daemon.0.id();
-    let alone = fan_out(&alice, &ips, pid, 0, dir.path()).await;
-    let followed = fan_out(&alice, &ips, pid, READERS, dir.path()).await;
+    let alone = fan_out(&alice, &ips, pid, 0, false, dir.path()).await;
+    let stalled = fan_out(&alice, &ips, pid, READERS, true, dir.path()).await;
+    let followed = fan_out(&alice, &ips, pid, READERS, false, dir.path()).await;
     println!(
-        "the command's run time: {alone} ms alone, {followed} ms followed by {READERS} readers"
+        "the command's run time: {alone} ms alone, {stalled} ms with {READERS} stalled readers, {followed} ms followed by {READERS} readers"
     );
 
     let _ = nix::sys::signal::kill(
@@ -167,16 +168,18 @@ async fn latency(alice: &Client) {
 }
 
 /// One job writing [`FLOOD_BYTES`] followed by `readers` streams from the
-/// start; prints the daemon's memory and returns the command's run time
-/// (the job's `duration_ms`).
+/// start (`stalled`: they open the stream and never read it); prints the
+/// daemon's memory and returns the command's run time (the job's
+/// `duration_ms`).
 async fn fan_out(
     alice: &Client,
     addrs: &[String],
     pid: u32,
     readers: usize,
+    stalled: bool,
     dir: &std::path::Path,
 ) -> u64 {
-    let gate = dir.join(format!("gate-{readers}"));
+    let gate = dir.join(format!("gate-{readers}-{stalled}"));
     let line = "x".repeat(1023);
     let body = serde_json::json!({ "gate": gate.to_str().expect("path"), "line": line });
     let r = alice
@@ -211,6 +214,11 @@ async fn fan_out(
             }
         })
     };
+    let held = if stalled {
+        std::mem::take(&mut opened)
+    } else {
+        Vec::new()
+    };
     for (sender, mut body) in opened {
         let bytes = bytes.clone();
         tasks.spawn(async move {
@@ -237,13 +245,21 @@ async fn fan_out(
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.await;
     let after = proc_kib(pid, "VmRSS");
+    drop(held);
     let result = alice
         .call(HOST, Call::get(HOST, &format!("/exec/jobs/{id}")))
         .await
         .expect("GET result");
     assert_eq!(result.json["status"], "completed");
     let duration = result.json["duration_ms"].as_u64().expect("duration");
-    if readers > 0 {
+    if stalled {
+        println!(
+            "{readers} stalled readers of one job writing {} MiB: daemon RSS {} MiB before, {} MiB at the peak",
+            FLOOD_BYTES >> 20,
+            before / 1024,
+            peak.load(Ordering::Relaxed) / 1024,
+        );
+    } else if readers > 0 {
         let per_reader = bytes.load(Ordering::Relaxed) / readers as u64;
         println!(
             "{readers} readers of one job writing {} MiB: every reader got {:.1} MiB of events in {:.1?}; daemon RSS {} MiB before, {} MiB at the peak, {} MiB after",
