@@ -13,7 +13,7 @@
 //! [`submit`](crate::run::Executor::submit), whose [`Refusal`] is mapped to
 //! its status here. Every refusal of an exec request is audited
 //! (`exec.denied`). With `?stream=true`, both `POST /exec/{tool}/{cmd}` and
-//! `GET /exec/jobs/{id}` answer with the job's live events ([`stream`]).
+//! `GET /exec/jobs/{id}` answer with the job's live events (`stream.rs`).
 
 mod body;
 mod error;
