@@ -33,6 +33,12 @@ const STILL_WAITING: Duration = Duration::from_secs(30);
 pub const TAILSCALE_CONTROL_URL: &str = "https://controlplane.tailscale.com";
 /// How often the node's names are re-read for the `Host` check.
 const NAMES_REFRESH: Duration = Duration::from_secs(30);
+/// At shutdown with live streams open, once every connection is done, how
+/// long the tailnet stack gets to deliver what they wrote last (their
+/// jobs' terminal events) before the node closes: closing it drops what
+/// is still in flight, and the client would wait for an end that never
+/// comes.
+const DELIVERY_LINGER: Duration = Duration::from_millis(500);
 
 /// Why the daemon could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -231,13 +237,20 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         grace = ?settings.shutdown_grace,
         "shutting down: new jobs are refused, running ones get the grace period"
     );
+    // Live streams end with their jobs, during the drain: their last bytes
+    // need the node a moment longer.
+    let mut streaming = api.open_streams() > 0;
     api.shutdown(settings.shutdown_grace).await;
+    streaming |= api.open_streams() > 0;
     stop_serving.cancel();
     if stopped_by.is_ok() {
         match server.await {
             Ok(Err(e)) => error!(error = %e, "the tailnet listener failed while stopping"),
             Err(e) => error!(error = %e, "the server task failed"),
             Ok(Ok(())) => {}
+        }
+        if streaming {
+            tokio::time::sleep(DELIVERY_LINGER).await;
         }
     }
     leave(node).await;

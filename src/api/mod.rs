@@ -149,6 +149,11 @@ impl Api {
             .with_state(self.clone())
     }
 
+    /// Live streams open now, over every peer.
+    pub fn open_streams(&self) -> usize {
+        self.inner.streams.open()
+    }
+
     /// New exec requests are refused 503 from now on.
     pub fn begin_shutdown(&self) {
         self.inner.executor.begin_shutdown();

@@ -341,6 +341,14 @@ impl StreamSlots {
     }
 }
 
+impl StreamSlots {
+    /// Streams open now, over every peer.
+    pub(super) fn open(&self) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.values().sum()
+    }
+}
+
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
