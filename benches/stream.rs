@@ -227,7 +227,9 @@ async fn fan_out(
             while let Some(frame) = body.frame().await {
                 if let Ok(data) = frame.expect("body").into_data() {
                     bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    tail = data.to_vec();
+                    // The last KiB, across frames: the end may be split.
+                    tail.extend_from_slice(&data);
+                    tail.drain(..tail.len().saturating_sub(1024));
                 }
             }
             assert!(
