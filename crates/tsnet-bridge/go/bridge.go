@@ -554,6 +554,32 @@ func tsnetbridge_node_ips(h C.int64_t, out *C.char, outlen C.size_t, needed *C.s
 	return C.TSNB_OK
 }
 
+//export tsnetbridge_node_peers
+func tsnetbridge_node_peers(h C.int64_t, out *C.char, outlen C.size_t, needed *C.size_t, errbuf *C.char, errlen C.size_t) (rc C.int) {
+	defer guard(&rc, errbuf, errlen)
+	n, err := lookupNode(h)
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	if !n.running() {
+		return fail(codedErrorf(C.TSNB_EINVAL, "node %q is not up", n.cfg.Hostname), errbuf, errlen)
+	}
+	lc, err := n.srv.LocalClient()
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := lc.Status(ctx)
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	if err := writeJSON(st, out, outlen, needed); err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	return C.TSNB_OK
+}
+
 //export tsnetbridge_node_listen
 func tsnetbridge_node_listen(h C.int64_t, port C.uint16_t, outListener *C.int64_t, outFD *C.int, outPort *C.uint16_t, errbuf *C.char, errlen C.size_t) (rc C.int) {
 	defer guard(&rc, errbuf, errlen)

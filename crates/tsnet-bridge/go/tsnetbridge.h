@@ -119,6 +119,15 @@ int tsnetbridge_node_ips(int64_t node, char *out, size_t outlen, size_t *needed,
                          char *errbuf, size_t errlen);
 
 /*
+ * The node's full view of the tailnet: tsnet's LocalClient().Status() as
+ * JSON (ipnstate.Status: "Self", "Peer" keyed by node key, "User", ...), the
+ * same document tailscaled's LocalAPI serves at /localapi/v0/status.
+ * TSNB_EINVAL when the node is not up.
+ */
+int tsnetbridge_node_peers(int64_t node, char *out, size_t outlen, size_t *needed,
+                           char *errbuf, size_t errlen);
+
+/*
  * Listens on the node's tailnet addresses, TCP port `port` (0: pick one).
  * *out_fd is an AF_UNIX SOCK_SEQPACKET socket (non-blocking, close-on-exec).
  * Each accepted connection arrives on it as ONE message whose payload is the

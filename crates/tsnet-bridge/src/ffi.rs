@@ -47,6 +47,14 @@ unsafe extern "C" {
         errbuf: *mut c_char,
         errlen: usize,
     ) -> c_int;
+    fn tsnetbridge_node_peers(
+        node: i64,
+        out: *mut c_char,
+        outlen: usize,
+        needed: *mut usize,
+        errbuf: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
     fn tsnetbridge_node_listen(
         node: i64,
         port: u16,
@@ -315,6 +323,13 @@ pub(crate) fn node_ips(node: i64) -> Result<Vec<u8>, CallError> {
     call_json(|out, outlen, needed, eb, el| {
         // SAFETY: as in node_status.
         unsafe { tsnetbridge_node_ips(node, out, outlen, needed, eb, el) }
+    })
+}
+
+pub(crate) fn node_peers(node: i64) -> Result<Vec<u8>, CallError> {
+    call_json(|out, outlen, needed, eb, el| {
+        // SAFETY: as in node_status.
+        unsafe { tsnetbridge_node_peers(node, out, outlen, needed, eb, el) }
     })
 }
 

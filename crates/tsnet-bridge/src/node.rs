@@ -340,6 +340,25 @@ impl Node {
         serde_json::from_slice(&json).map_err(|source| BridgeError::Json { op: "ips", source })
     }
 
+    /// The node's full view of the tailnet as JSON: tsnet's
+    /// `ipnstate.Status` with every peer (host names, MagicDNS names,
+    /// addresses, tags, online), the same document tailscaled's LocalAPI
+    /// serves at `/localapi/v0/status`, so one parser reads both. Left as
+    /// JSON: the bridge does not model peers.
+    ///
+    /// # Errors
+    ///
+    /// [`BridgeError::InvalidConfig`] when the node is not up;
+    /// [`BridgeError::Closed`] after close; bridge errors otherwise.
+    pub async fn peers_json(&self) -> Result<Vec<u8>, BridgeError> {
+        let h = self.live_handle("peers")?;
+        blocking("peers", Duration::from_secs(10) + GRACE, move || {
+            ffi::node_peers(h)
+        })
+        .await?
+        .map_err(|e| e.into_bridge("peers"))
+    }
+
     /// Listens on the node's tailnet addresses, TCP `port` (0 picks a free
     /// one; see [`Listener::port`]). Starts the node if needed.
     ///

@@ -54,6 +54,37 @@ async fn two_nodes_dial_and_accept() {
         let who = a.whois(peer).await.unwrap();
         assert_eq!(who.node_name.split('.').next().unwrap(), "bravo");
 
+        // The peer list (bravo is in alpha's netmap: whois found it):
+        // tsnet's ipnstate.Status, as tailscaled serves it.
+        let peers: serde_json::Value =
+            serde_json::from_slice(&a.peers_json().await.unwrap()).unwrap();
+        assert_eq!(peers["BackendState"], "Running", "{peers}");
+        assert_eq!(peers["Self"]["HostName"], "alpha", "{peers}");
+        let listed: Vec<&serde_json::Value> = peers["Peer"]
+            .as_object()
+            .map(|m| m.values().collect())
+            .unwrap_or_default();
+        assert_eq!(listed.len(), 1, "{peers}");
+        assert_eq!(listed[0]["HostName"], "bravo");
+        assert_eq!(
+            listed[0]["DNSName"],
+            format!("bravo.{MAGIC_DNS_SUFFIX}."),
+            "{peers}"
+        );
+        let bravo_ip = ipv4(&b).to_string();
+        assert!(
+            listed[0]["TailscaleIPs"]
+                .as_array()
+                .is_some_and(|ips| ips.iter().any(|ip| *ip == *bravo_ip)),
+            "{peers}"
+        );
+        let unstarted = Node::new(net.config("charlie")).unwrap();
+        assert!(matches!(
+            unstarted.peers_json().await,
+            Err(BridgeError::InvalidConfig(_))
+        ));
+        drop(unstarted);
+
         // By short MagicDNS name and by full name; bytes both ways.
         for target in [
             "alpha:8080".to_string(),
