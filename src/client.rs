@@ -44,7 +44,15 @@ pub enum ClientError {
     /// The event stream broke the SSE format.
     #[error("event stream: {0}")]
     Stream(#[from] sse::SseError),
+    /// A plain answer longer than [`MAX_RESPONSE_BYTES`].
+    #[error("the answer is longer than {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge,
 }
+
+/// The longest plain answer read: a job result holds at most two streams of
+/// the daemon's largest output cap (64 MiB each), JSON-escaped; a peer
+/// that sends more is not a daemon to trust with this process's memory.
+pub const MAX_RESPONSE_BYTES: usize = 512 << 20;
 
 /// One request to send.
 #[derive(Debug, Clone)]
@@ -158,8 +166,17 @@ async fn read_response(
         .get(hyper::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
-    let body = resp.into_body().collect().await?.to_bytes();
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+        .collect()
+        .await;
     driver.abort();
+    let body = match body {
+        Ok(b) => b.to_bytes(),
+        Err(e) => match e.downcast::<hyper::Error>() {
+            Ok(e) => return Err(ClientError::Http(*e)),
+            Err(_) => return Err(ClientError::TooLarge),
+        },
+    };
     let text = String::from_utf8_lossy(&body).into_owned();
     let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     Ok(Response {

@@ -28,6 +28,9 @@
 //!   the environment, with the knobs tsnet reads from there.
 //! - [`client`]: a small HTTP client for the API over any stream, with an
 //!   SSE parser to follow live job streams.
+//! - [`call`]: `tailkitd call` and `tailkitd tools`, the operator's
+//!   client: one node or a fleet, over an ephemeral node of its own or the
+//!   machine's tailscaled.
 //! - [`localapi`]: the machine's tailscaled through its LocalAPI socket
 //!   (peer list and dial), for callers without a tsnet node of their own.
 //! - `demo` (feature `localnet`): `tailkitd demo` and `tailkitd localnet`.
@@ -35,6 +38,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod call;
 pub mod client;
 pub mod config;
 pub mod daemon;

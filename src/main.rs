@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use tailkitd::call::cli::{CallArgs, ToolsArgs};
 use tailkitd::config::{LogFormat, RunArgs, Settings};
 use tailkitd::startup;
 
@@ -37,6 +38,11 @@ enum Cmd {
     },
     /// Show the whole thing on an embedded local tailnet: no account, no setup.
     Demo,
+    /// Run a command on a node, or on a fleet, with its output live and its
+    /// exit code.
+    Call(CallArgs),
+    /// List the commands you may run on a node, with their arguments.
+    Tools(ToolsArgs),
     /// Run an embedded local tailnet with client nodes and SOCKS5 proxies,
     /// print how to reach it as one JSON line, and wait for SIGINT/SIGTERM.
     Localnet {
@@ -69,10 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Cmd::Run(cli.run)) {
         Cmd::Run(mut args) => {
             args.handed_over_key = startup::take_handed_over_key()?;
-            let os_hostname = nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let settings = Settings::resolve(args, |k| std::env::var(k).ok(), &os_hostname)?;
+            let settings = Settings::resolve(args, |k| std::env::var(k).ok(), &os_hostname())?;
             let loopback = settings
                 .control_url
                 .as_deref()
@@ -89,6 +92,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let exe = std::env::current_exe().context("locating this executable")?;
             block_on(tailkitd::demo::run_demo(&exe))??;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Call(args) => {
+            init_tracing(LogFormat::Text, "tailkitd=warn");
+            let exit = runtime()?.block_on(tailkitd::call::run_call(args, &os_hostname()));
+            Ok(ExitCode::from(exit))
+        }
+        Cmd::Tools(args) => {
+            init_tracing(LogFormat::Text, "tailkitd=warn");
+            let exit = runtime()?.block_on(tailkitd::call::run_tools(args, &os_hostname()));
+            Ok(ExitCode::from(exit))
         }
         Cmd::Localnet { clients, grants } => {
             startup::reexec_if_needed(None, true)?;
@@ -137,6 +150,12 @@ fn exit_for_clap_error(e: clap::Error) -> ! {
         }
         None => e.exit(),
     }
+}
+
+fn os_hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
