@@ -1,7 +1,9 @@
 //! The LocalAPI client against a real `tailscaled` (userspace networking) on
 //! the embedded local tailnet, next to the real `tailkitd run` daemon: the
 //! daemon shows up in tailscaled's peer list and answers `GET /health` over
-//! a connection tailscaled dials.
+//! a connection tailscaled dials; `tailkitd call` and `tailkitd tools`
+//! work through it (one node, a prefix, `--async`, `--follow`, `--cancel`),
+//! as tailscaled's node.
 //!
 //! Needs the `tailscaled` and `tailscale` binaries of the tailscale.com
 //! version the bridge pins, in the directory `TAILKITD_TEST_TAILSCALED`
@@ -291,5 +293,62 @@ async fn a_real_tailscaled_lists_the_daemon_and_dials_it() {
         }
         other => panic!("dial to loopback: {other:?}"),
     }
+
+    // `tailkitd call` and `tailkitd tools` through this tailscaled: the
+    // daemon sees the call come from tailscaled's node, ops.
+    let client = |args: &[&str]| {
+        let out = Command::new(tailkitd)
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .env_remove("TS_AUTHKEY")
+            .env_remove("TS_AUTHKEY_FILE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!(
+            "$ tailkitd {}\n{stdout}{stderr}-> {:?}",
+            args.join(" "),
+            out.status
+        );
+        (out.status.code().unwrap_or(-1), stdout, stderr)
+    };
+    let (code, out, err) = client(&["call", "tk", "demo/count", "seconds=2"]);
+    assert_eq!((code, out.as_str()), (0, "tick 1\ntick 2\n"), "{err}");
+    let (code, out, err) = client(&["tools", "tk"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("demo/count") && out.contains("[seconds=INT (5)]"),
+        "{out}"
+    );
+    let (code, out, err) = client(&["call", "--prefix", "t", "demo/count", "seconds=1"]);
+    assert_eq!((code, out.as_str()), (0, "tk: tick 1\n"), "{err}");
+    // The same node each time: a job started earlier can be followed and
+    // cancelled.
+    let (code, out, err) = client(&["call", "tk", "--async", "demo/count", "seconds=2"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, followed, err) = client(&["call", "tk", "--follow", out.trim()]);
+    assert_eq!((code, followed.as_str()), (0, "tick 1\ntick 2\n"), "{err}");
+    let (code, out, err) = client(&["call", "tk", "--async", "demo/count", "seconds=60"]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    let (code, _, err) = client(&["call", "tk", "--cancel", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("job {id} is cancelled")), "{err}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let callers: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "exec.accepted")
+        .map(|r| r["caller"]["node"].clone())
+        .collect();
+    assert_eq!(callers.len(), 4, "{audit}");
+    assert!(
+        callers.iter().all(|n| n == "ops.localnet.ts.net"),
+        "{callers:?}"
+    );
+    eprintln!("tailkitd call through tailscaled ({:?})", started.elapsed());
     eprintln!("done ({:?})", started.elapsed());
 }

@@ -162,8 +162,9 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Spawns `tailkitd run` as `HOST` with state, tools and audit log in
-    /// `dir` (unless `extra` names its own `--audit-log`). Its stdout and
+    /// Spawns `tailkitd run` as `HOST` (unless `extra` names its own
+    /// `--hostname`) with state, tools and audit log in `dir` (unless
+    /// `extra` names its own `--audit-log`). Its stdout and
     /// stderr are read line by line (the login URL goes to stderr).
     pub fn spawn(
         dir: &Path,
@@ -207,7 +208,12 @@ impl DaemonProcess {
             }
             None => Command::new(env!("CARGO_BIN_EXE_tailkitd")),
         };
-        cmd.args(["run", "--hostname", HOST])
+        cmd.arg("run")
+            .args(if extra.contains(&"--hostname") {
+                &[][..]
+            } else {
+                &["--hostname", HOST][..]
+            })
             .args(if extra.contains(&"--config") {
                 &[][..]
             } else {

@@ -8,6 +8,7 @@
 mod common;
 
 mod audit;
+mod call;
 mod calls;
 mod cli;
 mod isolation;
