@@ -6,6 +6,7 @@
 
 use super::*;
 
+use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Output;
 
@@ -25,6 +26,8 @@ const CLIENT_TOOLS: &str = r#"{
     {"name": "live", "description": "waits for a file after its first line", "acl_cap": "example.com/cap/x",
      "exec_parts": ["/bin/sh", "-c", "echo first; while [ ! -e FLAG ]; do sleep 0.05; done; echo second"],
      "timeout": "2m"},
+    {"name": "forever", "description": "a line every 50 ms", "acl_cap": "example.com/cap/x",
+     "exec_parts": ["/bin/sh", "-c", "while true; do echo tick; sleep 0.05; done"], "timeout": "2m"},
     {"name": "barrier", "description": "ends once N jobs wait at the barrier", "acl_cap": "example.com/cap/x",
      "exec_parts": ["/bin/sh", "-c", "touch BARRIER/$TAILKIT_JOB_ID; until [ $(ls BARRIER | wc -l) -ge \"$1\" ]; do sleep 0.05; done; echo through", "sh", "{{.n}}"],
      "timeout": "2m",
@@ -266,6 +269,26 @@ async fn ctrl_c_cancels_the_remote_job() {
         find_process_with_parent_chain(daemon.pid(), "sleep").is_none(),
         "the remote command is gone"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_cancels_the_remote_job() {
+    let (net, daemon) = one_daemon().await;
+    let mut child = client(&net, &["call", HOST, "c/forever"]).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line // the pipe closes here: `tailkitd call ... | head -1`
+    })
+    .await
+    .unwrap();
+    assert_eq!(first, "tick\n");
+    let status = wait_exit(&mut child, "the client to exit").await;
+    assert_eq!(status.code(), Some(141));
+    let runs = finished_records(&daemon, "forever");
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["status"], "cancelled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
