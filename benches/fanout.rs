@@ -136,14 +136,13 @@ fn measure(mut cmd: Command) -> (Duration, u64) {
             assert!(status.success(), "tailkitd call failed: {status}");
             return (t0.elapsed(), peak);
         }
-        if let Ok(text) = std::fs::read_to_string(&status_path) {
-            if let Some(kib) = text
+        if let Ok(text) = std::fs::read_to_string(&status_path)
+            && let Some(kib) = text
                 .lines()
                 .find_map(|l| l.strip_prefix("VmHWM:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            {
-                peak = kib;
-            }
+        {
+            peak = kib;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
