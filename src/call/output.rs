@@ -3,7 +3,8 @@
 //! the summary, and, on a terminal, the one-line progress display on
 //! stderr, cleared before any other line and drawn again after it. Writes
 //! are buffered and flushed whenever no message is waiting, so a flood
-//! costs few system calls and a quiet stream shows at once. A local stdout
+//! costs few system calls and a quiet stream shows at once; what waits is
+//! bounded in messages and in bytes. A local stdout
 //! that closes (`| head`) stops the call like Ctrl-C does.
 
 use std::io::{self, Write};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 use super::report::format_duration;
 use super::stop::Stop;
@@ -21,6 +22,9 @@ pub const EXIT_BROKEN_PIPE: u8 = 141;
 
 /// Messages waiting for the printer, at most.
 const QUEUE: usize = 1024;
+/// Bytes of remote output waiting for the printer, at most (a line is at
+/// most 4 MiB, the event parser's limit; one bigger message waits alone).
+const QUEUE_BYTES: usize = 8 << 20;
 /// Redraws of the progress line, at most one per this.
 const REDRAW: Duration = Duration::from_millis(100);
 
@@ -34,15 +38,21 @@ pub enum Pipe {
 }
 
 enum Msg {
-    /// A remote line, without its newline.
+    /// A remote line, without its newline; `cost` is its share of the
+    /// byte budget.
     Line {
         node: usize,
         pipe: Pipe,
         text: String,
+        cost: u32,
     },
     /// Bytes written as they are (one node's whole output, from a daemon
     /// that does not stream).
-    Raw { pipe: Pipe, bytes: Vec<u8> },
+    Raw {
+        pipe: Pipe,
+        bytes: Vec<u8>,
+        cost: u32,
+    },
     /// Text written as is (ends with a newline).
     Text { pipe: Pipe, text: String },
     /// The counts changed, or a second passed.
@@ -68,6 +78,9 @@ pub struct Output {
     tx: mpsc::Sender<Msg>,
     counts: Arc<Counts>,
     prefixed: bool,
+    /// The byte budget of the queue: taken before a message is queued,
+    /// given back once it is written.
+    budget: Arc<Semaphore>,
 }
 
 /// The printer thread, to wait for at the end.
@@ -85,9 +98,28 @@ impl Output {
         progress: bool,
         stop: Stop,
     ) -> (Output, Printer) {
+        Output::start_to(
+            (Box::new(io::stdout()), Box::new(io::stderr())),
+            names,
+            prefixed,
+            progress,
+            stop,
+        )
+    }
+
+    /// [`Output::start`] writing to `sinks` (stdout, stderr) instead.
+    pub fn start_to(
+        sinks: (Box<dyn Write + Send>, Box<dyn Write + Send>),
+        names: Vec<String>,
+        prefixed: bool,
+        progress: bool,
+        stop: Stop,
+    ) -> (Output, Printer) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let counts = Arc::new(Counts::default());
+        let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
         let state = State {
+            budget: budget.clone(),
             names,
             prefixed,
             progress,
@@ -96,8 +128,8 @@ impl Output {
             started: Instant::now(),
             drawn: false,
             last_draw: None,
-            stdout: io::BufWriter::new(io::stdout()),
-            stderr: io::BufWriter::new(io::stderr()),
+            stdout: io::BufWriter::new(sinks.0),
+            stderr: io::BufWriter::new(sinks.1),
             stdout_broken: false,
         };
         let thread = std::thread::Builder::new()
@@ -109,6 +141,7 @@ impl Output {
                 tx,
                 counts,
                 prefixed,
+                budget,
             },
             Printer { thread },
         )
@@ -122,12 +155,33 @@ impl Output {
 
     /// A remote line of node `node`.
     pub async fn line(&self, node: usize, pipe: Pipe, text: String) {
-        self.send(Msg::Line { node, pipe, text }).await;
+        let cost = self.take_budget(text.len()).await;
+        self.send(Msg::Line {
+            node,
+            pipe,
+            text,
+            cost,
+        })
+        .await;
     }
 
     /// Bytes as they are.
     pub async fn raw(&self, pipe: Pipe, bytes: Vec<u8>) {
-        self.send(Msg::Raw { pipe, bytes }).await;
+        let cost = self.take_budget(bytes.len()).await;
+        self.send(Msg::Raw { pipe, bytes, cost }).await;
+    }
+
+    /// Waits until `len` bytes (at most the whole budget) may be queued.
+    async fn take_budget(&self, len: usize) -> u32 {
+        let cost = u32::try_from(len.clamp(1, QUEUE_BYTES)).unwrap_or(u32::MAX);
+        match self.budget.acquire_many(cost).await {
+            Ok(permit) => {
+                permit.forget();
+                cost
+            }
+            // Never closed.
+            Err(_) => 0,
+        }
     }
 
     /// Text as it is (a note, a JSON line, the summary).
@@ -169,6 +223,7 @@ impl Printer {
 }
 
 struct State {
+    budget: Arc<Semaphore>,
     names: Vec<String>,
     prefixed: bool,
     progress: bool,
@@ -177,8 +232,8 @@ struct State {
     started: Instant,
     drawn: bool,
     last_draw: Option<Instant>,
-    stdout: io::BufWriter<io::Stdout>,
-    stderr: io::BufWriter<io::Stderr>,
+    stdout: io::BufWriter<Box<dyn Write + Send>>,
+    stderr: io::BufWriter<Box<dyn Write + Send>>,
     stdout_broken: bool,
 }
 
@@ -208,7 +263,12 @@ impl State {
                 self.clear();
                 self.progress = false;
             }
-            Msg::Line { node, pipe, text } => {
+            Msg::Line {
+                node,
+                pipe,
+                text,
+                cost,
+            } => {
                 self.clear();
                 let name = self.names.get(node).map_or("?", String::as_str);
                 let mut line = String::with_capacity(text.len() + name.len() + 3);
@@ -219,10 +279,12 @@ impl State {
                 line.push_str(&text);
                 line.push('\n');
                 self.put(pipe, line.as_bytes());
+                self.budget.add_permits(cost as usize);
             }
-            Msg::Raw { pipe, bytes } => {
+            Msg::Raw { pipe, bytes, cost } => {
                 self.clear();
                 self.put(pipe, &bytes);
+                self.budget.add_permits(cost as usize);
             }
             Msg::Text { pipe, text } => {
                 self.clear();

@@ -34,6 +34,8 @@ const IDLE: Duration = Duration::from_secs(60);
 /// The long poll of a daemon that does not stream.
 const POLL: &str = "30s";
 const POLL_ANSWER: Duration = Duration::from_secs(45);
+/// Polls at most this often.
+const MIN_POLL: Duration = Duration::from_secs(1);
 /// A DELETE waits for the job to die (the daemon's kill grace and more).
 const CANCEL: Duration = Duration::from_secs(30);
 /// Attempts after a failure (a `429`, a broken stream, a failed poll).
@@ -203,7 +205,15 @@ impl NodeCall {
                             .poll(&id, OnHalt::Cancel, deadline, &mut Printed::default())
                             .await;
                     }
-                    None => return self.refused(&resp),
+                    None => {
+                        return self.lost(
+                            None,
+                            format!(
+                                "the daemon accepted a job without a usable id: {}",
+                                resp.text.trim()
+                            ),
+                        );
+                    }
                 },
                 StatusCode::OK if is_terminal(&resp.json) => {
                     self.print_result(&resp.json, &mut Printed::default()).await;
@@ -305,6 +315,9 @@ impl NodeCall {
         deadline: Option<Instant>,
     ) -> Report {
         let mut last = 0u64;
+        // Reopened streams in a row that broke before bringing anything
+        // (not even a heartbeat) end like a stream that cannot reopen.
+        let (mut heard, mut stalls) = (false, 0);
         let mut printed = Printed::default();
         loop {
             // Until an event named the job there is nothing to cancel: a
@@ -315,6 +328,9 @@ impl NodeCall {
                     return self.on_halt(job.as_deref(), h, on_halt).await;
                 }
             };
+            if matches!(next, Ok(Ok(Some(_)))) {
+                heard = true;
+            }
             let broken = match next {
                 Ok(Ok(Some(Item::Event(ev)))) => {
                     if let Some(id) = ev.id {
@@ -355,6 +371,14 @@ impl NodeCall {
                 );
             };
             tracing::debug!(node = self.name(), %broken, last, "resuming the event stream");
+            stalls = if heard { 0 } else { stalls + 1 };
+            heard = false;
+            if stalls >= ATTEMPTS {
+                return self.lost(
+                    Some(&id),
+                    format!("the event stream keeps breaking without progress: {broken}"),
+                );
+            }
             match self.resume(&id, last, deadline, &broken).await {
                 Resumed::Events(e) => events = *e,
                 Resumed::Plain => return self.poll(&id, on_halt, deadline, &mut printed).await,
@@ -415,6 +439,7 @@ impl NodeCall {
         let path = format!("/exec/jobs/{id}?wait={POLL}");
         let mut failures = 0;
         loop {
+            let asked = Instant::now();
             let got = tokio::select! {
                 r = self.send(Call::get(&self.target.host, &path), POLL_ANSWER) => r,
                 h = self.halted(deadline) => return self.on_halt(Some(id), h, on_halt).await,
@@ -425,7 +450,13 @@ impl NodeCall {
                     return Report::from_result(self.name(), r.json, None);
                 }
                 Ok(r) if r.status == StatusCode::OK => {
+                    // A daemon that does not hold the poll is asked once a
+                    // second, not in a tight loop.
                     failures = 0;
+                    tokio::select! {
+                        () = sleep_until(asked + MIN_POLL) => {}
+                        h = self.halted(deadline) => return self.on_halt(Some(id), h, on_halt).await,
+                    }
                     continue;
                 }
                 Ok(r) if r.status == StatusCode::NOT_FOUND => {
@@ -605,29 +636,4 @@ fn from_event(event: &str, data: &Value) -> Value {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_terminal_event_stands_in_for_the_result() {
-        let r = from_event("job.completed", &json!({"job_id": "j", "exit_code": 0}));
-        assert_eq!(
-            r,
-            json!({"job_id": "j", "status": "completed", "exit_code": 0})
-        );
-        let r = from_event(
-            "job.failed",
-            &json!({"job_id": "j", "exit_code": -1, "error": "cancelled: timed out after 1s",
-                    "signal": "SIGTERM", "stdout_truncated": false}),
-        );
-        assert_eq!(r["status"], "cancelled");
-        assert_eq!(r["signal"], "SIGTERM");
-        let r = from_event(
-            "job.failed",
-            &json!({"job_id": "j", "exit_code": 2, "error": "exit status 2"}),
-        );
-        assert_eq!(r["status"], "failed");
-        assert!(is_terminal(&r));
-        assert!(!is_terminal(&json!({"status": "running"})));
-    }
-}
+mod tests;
