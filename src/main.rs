@@ -140,7 +140,14 @@ fn error_chain(err: &anyhow::Error) -> String {
 
 /// Prints a command-line error and exits as clap does, naming the
 /// environment variable when the bad value came from one.
+/// A client command line that cannot work never ran anything: `call` and
+/// `tools` exit 255 for it, like every other way they fail before the
+/// command runs.
 fn exit_for_clap_error(e: clap::Error) -> ! {
+    if e.use_stderr() && is_client_command() {
+        let _ = e.print();
+        std::process::exit(tailkitd::call::report::EXIT_NEVER_RAN.into());
+    }
     let run = Cli::command();
     let run = run.find_subcommand("run").unwrap_or(&run);
     match tailkitd::config::name_env_in_error(&e, run, std::env::args_os()) {
@@ -150,6 +157,13 @@ fn exit_for_clap_error(e: clap::Error) -> ! {
         }
         None => e.exit(),
     }
+}
+
+/// Whether the subcommand is `call` or `tools`.
+fn is_client_command() -> bool {
+    std::env::args()
+        .nth(1)
+        .is_some_and(|a| a == "call" || a == "tools")
 }
 
 fn os_hostname() -> String {

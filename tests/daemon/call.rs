@@ -479,11 +479,18 @@ async fn without_a_key_or_a_tailscaled_the_client_says_how_to_give_one() {
     ] {
         assert!(err.contains(want), "{want} missing in {err}");
     }
-    // A bad command line: 255 before any tailnet.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailkitd"))
-        .args(["call", "tk", "t/c", "oops"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(255));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not NAME=VALUE"));
+    // A bad command line: 255 before any tailnet, whoever finds it.
+    for (line, want) in [
+        (&["call", "tk", "t/c", "oops"][..], "is not NAME=VALUE"),
+        (&["call", "--parallel", "0", "tk", "t/c"][..], "--parallel"),
+        (&["tools"][..], "TARGET"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailkitd"))
+            .args(line)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(255), "{line:?}: {err}");
+        assert!(err.contains(want), "{line:?}: {err}");
+    }
 }
