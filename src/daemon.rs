@@ -104,6 +104,13 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     // supervisor.
     nix::sys::prctl::set_child_subreaper(true)
         .map_err(|e| DaemonError::Signals(std::io::Error::from(e)))?;
+    // A command run as the daemon's own user must not read the daemon's
+    // memory (the auth key, the node's keys) through ptrace or
+    // /proc/PID/{mem,environ}: the kernel refuses both for a process that
+    // is not dumpable, and owns its /proc entries by root.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "could not make the daemon non-dumpable");
+    }
     tokio::spawn(async move {
         while sigchld.recv().await.is_some() {
             crate::run::supervisor::reap_adopted();

@@ -2,7 +2,8 @@
 //! the soft limit of open files and the signal dispositions the daemon was
 //! started with (not the Go runtime's raised limit, not the ignored signals
 //! of whoever started it), and, run as another user, nothing of the
-//! daemon's (its signals, environment, state dir, audit log).
+//! daemon's (its signals, environment, state dir, audit log); run as the
+//! daemon's own user, still not its memory or environment.
 
 use super::*;
 
@@ -14,7 +15,10 @@ const ISOLATION_TOOLS: &str = r#"{
      "exec_parts": ["/bin/sh", "-c", "grep 'Max open files' /proc/self/limits; grep -E '^Sig(Ign|Blk)' /proc/self/status"]},
     {"name": "probe", "acl_cap": "example.com/cap/x",
      "exec_parts": ["/bin/sh", "-c", "id -u\nkill -0 \"$1\" 2>/dev/null && echo signalled-the-daemon\nfor p in $(pgrep -u 0 -x tailkitd-launch); do kill -0 \"$p\" 2>/dev/null && echo signalled-tailkitd-launch; done\ncat \"/proc/$1/environ\" >/dev/null 2>&1 && echo read-the-environ\nls \"$2\" >/dev/null 2>&1 && echo listed-the-state-dir\ncat \"$3\" >/dev/null 2>&1 && echo read-the-audit-log\n(echo x >> \"$3\") 2>/dev/null && echo wrote-the-audit-log\necho end", "sh", "{{.pid}}", "{{.state}}", "{{.audit}}"],
-     "args": [{"name": "pid", "type": "int"}, {"name": "state"}, {"name": "audit"}]}
+     "args": [{"name": "pid", "type": "int"}, {"name": "state"}, {"name": "audit"}]},
+    {"name": "peek", "acl_cap": "example.com/cap/x",
+     "exec_parts": ["/bin/sh", "-c", "id -u\nsleep 30 &\ncat \"/proc/$!/environ\" >/dev/null 2>&1 && echo read-a-siblings-environ\n(exec 3<\"/proc/$!/mem\") 2>/dev/null && echo opened-a-siblings-memory\nkill $!\ncat \"/proc/$1/environ\" >/dev/null 2>&1 && echo read-the-daemons-environ\n(exec 3<\"/proc/$1/mem\") 2>/dev/null && echo opened-the-daemons-memory\necho end", "sh", "{{.pid}}"],
+     "args": [{"name": "pid", "type": "int"}]}
   ]
 }"#;
 
@@ -110,4 +114,47 @@ async fn a_command_run_as_nobody_cannot_reach_the_daemon() {
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&daemon.audit), 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_of_the_daemons_own_user_cannot_read_its_memory() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root (to start the daemon as another user)");
+        return;
+    }
+    let net = Net::start().await;
+    write_isolation_tools(net.dir.path());
+    // The daemon runs as nobody, and so do its commands (no
+    // --command-user): the same user, which may signal the daemon but must
+    // not read its memory (its auth key, its node keys).
+    std::os::unix::fs::chown(net.dir.path(), Some(65534), Some(65534)).unwrap();
+    let daemon = DaemonProcess::spawn_wrapped(
+        net.dir.path(),
+        net.localnet.control_url(),
+        net.localnet.auth_key(),
+        &[],
+        &[],
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+    );
+    daemon.wait_up().await;
+    daemon.wait_for_grant(&net.alice).await;
+    let r = post(
+        &net.alice,
+        "/exec/iso/peek?wait=30s",
+        json!({"pid": daemon.pid().as_raw()}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["status"], "completed", "{}", r.text);
+    // Another process of that user is open to it; the daemon is not.
+    assert_eq!(
+        r.json["stdout"], "65534\nread-a-siblings-environ\nopened-a-siblings-memory\nend\n",
+        "{}",
+        r.text
+    );
 }
