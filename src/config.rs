@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16;
 /// config file, then to the default.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct RunArgs {
+    // The doc is the --help text, where <...> is a placeholder, not HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     /// Tailnet host name of this node [default: tailkitd-<os hostname>]
     #[arg(long, env = "TAILKITD_HOSTNAME")]
     pub hostname: Option<String>,
@@ -60,6 +62,8 @@ pub struct RunArgs {
     #[arg(long, env = "TAILKITD_PORT")]
     pub port: Option<u16>,
 
+    // The doc is the --help text, where <...> is a placeholder, not HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     /// Audit log file, `-` for stdout [default: <state dir>/audit.jsonl]
     #[arg(long, env = "TAILKITD_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,

@@ -27,6 +27,8 @@ pub struct TailnetArgs {
     /// removed at exit]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    // The doc is the --help text, where <...> is a placeholder, not HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     /// That node's host name [default: tkcall-<os hostname>]
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
