@@ -376,6 +376,17 @@ pub fn zombie_children(parent: Pid) -> Vec<i32> {
         .collect()
 }
 
+/// A child of `parent` whose command name is `comm`.
+pub fn find_child_named(parent: Pid, comm: &str) -> Option<i32> {
+    proc_stats()
+        .into_iter()
+        .filter(|p| p.ppid == parent.as_raw())
+        .map(|p| p.pid)
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+}
+
 /// A process named `comm` whose ancestors include `ancestor`.
 pub fn find_process_with_parent_chain(ancestor: Pid, comm: &str) -> Option<i32> {
     let parents: BTreeMap<i32, i32> = proc_stats().into_iter().map(|p| (p.pid, p.ppid)).collect();

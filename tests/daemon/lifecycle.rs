@@ -46,6 +46,39 @@ async fn sigterm_cancels_running_jobs_audits_them_and_exits_0() {
     .await;
 }
 
+/// The daemon's supervisor killed (as the OOM killer or a command of the
+/// daemon's own user could): the job fails, its command dies, and the
+/// daemon, a child subreaper (PID 1 in a container), reaps whatever was
+/// adopted by it, so no zombie stays; the next job gets a new supervisor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_supervisor_leaves_no_command_and_no_zombie() {
+    let net = Net::start().await;
+    let daemon = net.daemon(&[]).await;
+    let r = post(&net.alice, "/exec/t/sleep", json!({"secs": 300})).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.json["job_id"].as_str().unwrap().to_string();
+    eventually(LONG, "the command to run", || !net.ran().is_empty()).await;
+    let sleeper = find_process_with_parent_chain(daemon.pid(), "sleep")
+        .expect("the sleep command is not running under the daemon");
+    let supervisor = find_child_named(daemon.pid(), "tailkitd-launch")
+        .expect("the daemon has no tailkitd-launch child");
+    kill(Pid::from_raw(supervisor), Signal::SIGKILL).unwrap();
+
+    let r = get(&net.alice, &format!("/exec/jobs/{id}?wait=30s")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["status"], "failed", "{}", r.text);
+    eventually(LONG, "the command to die and be reaped", || {
+        !Path::new(&format!("/proc/{sleeper}")).exists()
+    })
+    .await;
+    eventually(LONG, "no zombie child of the daemon", || {
+        zombie_children(daemon.pid()).is_empty()
+    })
+    .await;
+    let r = post(&net.alice, "/exec/t/true?wait=30s", json!({})).await;
+    assert_eq!(r.json["status"], "completed", "{}", r.text);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_short_commands_and_sighups_neither_crashes_nor_leaves_zombies() {
     let net = Net::start().await;
