@@ -16,7 +16,8 @@
 //!
 //! Prints each figure and the ratios of the goals. Run it inside a
 //! loopback-only namespace: `scripts/bench cost`. `COST_JOBS` scales the
-//! job counts (default 400).
+//! job counts (default 400); `COST_ONLY=runner` (or `e2e`) measures only
+//! the floors and that part.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -52,6 +53,7 @@ fn main() {
         .build()
         .expect("runtime");
     let n = jobs();
+    let only = std::env::var("COST_ONLY").unwrap_or_default();
     println!("per-job cost, {n} jobs per figure (COST_JOBS)");
     let floor1 = floor_one(n);
     let floor16 = floor_concurrent(16, n * 4);
@@ -59,6 +61,9 @@ fn main() {
         "floor: local spawn+reap of /bin/true: median {floor1:.3?} one at a time; {floor16:.0} jobs/s from 16 threads"
     );
     for (name, cgroup) in [("auto", CgroupSetting::Auto), ("off", CgroupSetting::Off)] {
+        if only == "e2e" {
+            break;
+        }
         if name == "auto"
             && let Err(reason) = CgroupSetting::Auto.resolve()
         {
@@ -67,7 +72,9 @@ fn main() {
         }
         rt.block_on(runner_layer(name, cgroup, n, floor16));
     }
-    rt.block_on(end_to_end(n, floor1, floor16));
+    if only != "runner" {
+        rt.block_on(end_to_end(n, floor1, floor16));
+    }
 }
 
 fn median(times: &mut [Duration]) -> Duration {
@@ -124,7 +131,9 @@ fn cpu_of(pid: u32) -> (f64, f64) {
     (get(10) + get(11), get(12) + get(13))
 }
 
-fn supervisors_of(pid: u32) -> Vec<u32> {
+/// The children of `pid` that run `tailkitd-launch` (supervisors, or the
+/// launchers a supervisor keeps ready).
+fn launch_children_of(pid: u32) -> Vec<u32> {
     tailkitd_launch::proc_stats()
         .into_iter()
         .filter(|p| p.ppid == pid as i32)
@@ -171,14 +180,24 @@ async fn runner_layer(name: &str, cgroup: CgroupSetting, n: usize, floor16: f64)
         one(runner.clone(), spec.clone()).await;
     }
     let me = std::process::id();
-    let sup = supervisors_of(me);
+    let sup = launch_children_of(me);
+    // The supervisors' own CPU; and that of their reaped children and of
+    // the launchers they keep ready, with the latter's reaped children.
     let cpu = |pids: &[u32]| {
         let (own, _) = cpu_of(me);
         let (sup_own, sup_children) = pids
             .iter()
             .map(|p| cpu_of(*p))
             .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-        (own, sup_own, sup_children)
+        let launchers: f64 = pids
+            .iter()
+            .flat_map(|p| launch_children_of(*p))
+            .map(|l| {
+                let (own, children) = cpu_of(l);
+                own + children
+            })
+            .sum();
+        (own, sup_own, sup_children + launchers)
     };
     let c0 = cpu(&sup);
     let mut times = Vec::with_capacity(n);
@@ -188,6 +207,7 @@ async fn runner_layer(name: &str, cgroup: CgroupSetting, n: usize, floor16: f64)
         times.push(t.elapsed());
     }
     let c1 = cpu(&sup);
+    let c2 = cpu(&launch_children_of(me));
     let total = n * 4;
     let left = Arc::new(AtomicUsize::new(total));
     let t = Instant::now();
@@ -208,14 +228,20 @@ async fn runner_layer(name: &str, cgroup: CgroupSetting, n: usize, floor16: f64)
         task.await.expect("task");
     }
     let rate = total as f64 / t.elapsed().as_secs_f64();
-    let per = |a: f64, b: f64| (b - a) * 1000.0 / n as f64;
+    let sups = launch_children_of(me);
+    let c3 = cpu(&sups);
+    let per = |a: f64, b: f64, n: usize| (b - a) * 1000.0 / n as f64;
     println!(
-        "runner, cgroup {name}: median {:.3?} one at a time; {rate:.0} jobs/s with 16 at once ({:.0}% of the floor); CPU per job: this process {:.2} ms, supervisor {:.2} ms, commands and launchers {:.2} ms",
+        "runner, cgroup {name}: median {:.3?} one at a time; {rate:.0} jobs/s with 16 at once ({:.0}% of the floor); CPU per job: this process {:.2} ms, supervisor {:.2} ms, commands and launchers {:.2} ms; at 16: {:.2} + {:.2} + {:.2} ms ({} supervisors)",
         median(&mut times),
         100.0 * rate / floor16,
-        per(c0.0, c1.0),
-        per(c0.1, c1.1),
-        per(c0.2, c1.2),
+        per(c0.0, c1.0, n),
+        per(c0.1, c1.1, n),
+        per(c0.2, c1.2, n),
+        per(c2.0, c3.0, total),
+        per(c2.1, c3.1, total),
+        per(c2.2, c3.2, total),
+        sups.len(),
     );
 }
 

@@ -295,7 +295,6 @@ impl Runner {
             Err(e) => return early_end(RunEnd::Error(format!("could not start: pipe: {e}")), None),
         };
         let request = JobRequest {
-            name: String::new(),
             program: program.to_string_lossy().into_owned(),
             argv: spec.argv.clone(),
             env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
@@ -330,6 +329,7 @@ impl Runner {
         let mut statuses = BufReader::new(reader).lines();
         let mut job = Contained {
             submitted,
+            cgroup: None,
             group: None,
             launcher: None,
         };
@@ -360,6 +360,7 @@ impl Runner {
                             }
                         }
                         Some(Status::Launcher(pid)) if pid > 1 => job.launcher = Some(Pid::from_raw(pid)),
+                        Some(Status::Cgroup(name)) => job.cgroup = job.submitted.instance.cgroup(&name),
                         Some(Status::Exited(code)) => break RunEnd::Exited(code),
                         Some(Status::Signaled(signal)) => break RunEnd::Signaled(signal),
                         Some(Status::SpawnError { message, .. }) => {
@@ -491,6 +492,8 @@ async fn send(orders: &mut OwnedWriteHalf, order: Order) {
 /// launcher or supervisor when they die or hang.
 struct Contained {
     submitted: Submitted,
+    /// From `cgroup` (jobs with a cgroup).
+    cgroup: Option<PathBuf>,
     /// From `started`.
     group: Option<ProgramGroup>,
     /// From `launcher` (jobs without a cgroup).
@@ -502,7 +505,7 @@ impl Contained {
     /// cgroup (everything in it) and its process group. Returns whether
     /// anything was there to kill.
     fn kill_directly(&self) -> bool {
-        let cgroup = self.submitted.cgroup.as_deref().is_some_and(kill_cgroup);
+        let cgroup = self.cgroup.as_deref().is_some_and(kill_cgroup);
         let group = self.group.is_some_and(|g| g.kill());
         cgroup || group
     }

@@ -1,11 +1,12 @@
-//! The daemon's side of the supervisor (`tailkitd-launch serve`): started
-//! lazily, on the first job, from the [spawner thread](super::spawn) with
-//! `posix_spawn` (every signal at its default disposition, an empty mask
-//! and environment, its own process group, only a `SOCK_SEQPACKET`
-//! control socket as stdin), and restarted on the next job if it died.
-//! Each job is one message on that socket ([`JobRequest`], then the job's
-//! status socket end and output pipe write ends by `SCM_RIGHTS`); the
-//! per-job protocol then runs on the status socket, as with a launcher.
+//! The daemon's side of the supervisors (`tailkitd-launch serve`): a small
+//! pool of them, the first started on the first job, from the [spawner
+//! thread](super::spawn) with `posix_spawn` (every signal at its default
+//! disposition, an empty mask and environment, its own process group,
+//! only a `SOCK_SEQPACKET` control socket as stdin); one that died is
+//! replaced when needed. Each job is one message on a supervisor's control
+//! socket ([`JobRequest`], then the job's status socket end and output
+//! pipe write ends by `SCM_RIGHTS`); the per-job protocol then runs on the
+//! status socket, with the job's launcher.
 //!
 //! Also here: where job cgroups go ([`CgroupSetting`]), and the reaper of
 //! a daemon that is a child subreaper ([`reap_adopted`]).
@@ -15,7 +16,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -113,12 +114,32 @@ pub struct SupervisorSettings {
     pub nofile: Option<u64>,
 }
 
-/// Starts jobs through one supervisor process, started when first needed.
+/// At most this many supervisor processes share the jobs: each one
+/// starts one job at a time (`posix_spawn` returns only once the new
+/// process has called `execve`, which on a busy machine waits for a CPU),
+/// so several let jobs start side by side. One per CPU, between 2 and 4.
+fn pool_size() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
+/// Starts jobs through a small pool of supervisor processes: the first
+/// started with the first job, more (up to [`pool_size`]) in the
+/// background while every one already holds jobs. Each job goes to the
+/// supervisor with the fewest jobs.
 #[derive(Debug)]
 pub struct Supervisor {
     settings: SupervisorSettings,
-    current: tokio::sync::Mutex<Option<Arc<Instance>>>,
-    jobs: AtomicU64,
+    pool: Arc<Pool>,
+}
+
+#[derive(Debug)]
+struct Pool {
+    size: usize,
+    instances: Mutex<Vec<Arc<Instance>>>,
+    /// Held while a supervisor starts, so that one starts at a time.
+    starting: tokio::sync::Mutex<()>,
+    /// A supervisor is being started in the background.
+    growing: AtomicBool,
 }
 
 /// One supervisor process.
@@ -134,18 +155,33 @@ pub struct Instance {
     cgroups: Option<PathBuf>,
     dead: AtomicBool,
     pidfd: Option<OwnedFd>,
+    /// Its jobs not over yet.
+    active: AtomicUsize,
 }
 
-/// A job handed to a supervisor.
-#[derive(Debug, Clone)]
+/// A job handed to a supervisor (counted as one of its jobs until
+/// dropped).
+#[derive(Debug)]
 pub struct Submitted {
     /// The supervisor that has it.
     pub instance: Arc<Instance>,
-    /// The job's cgroup, if it has one.
-    pub cgroup: Option<PathBuf>,
+}
+
+impl Drop for Submitted {
+    fn drop(&mut self) {
+        self.instance.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Instance {
+    /// The directory of job cgroup `name` (from the job's `cgroup NAME`
+    /// status line), if this supervisor makes job cgroups and `name` can
+    /// be one.
+    pub fn cgroup(&self, name: &str) -> Option<PathBuf> {
+        let dir = self.cgroups.as_ref()?;
+        tailkitd_launch::valid_job_name(name).then(|| dir.join(name))
+    }
+
     /// Whether the supervisor process is gone (or was given up on).
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Relaxed)
@@ -157,7 +193,7 @@ impl Instance {
     }
 
     /// SIGKILLs the supervisor (it stopped answering): every job it holds
-    /// fails, and the next job starts a new one.
+    /// fails, and the next job goes to another one.
     pub fn kill(&self) {
         if !self.dead.swap(true, Ordering::Relaxed) {
             tracing::warn!(
@@ -177,38 +213,37 @@ impl Instance {
 }
 
 impl Supervisor {
-    /// A supervisor started with `settings` when the first job comes.
+    /// Supervisors started with `settings` when jobs come.
     pub fn new(settings: SupervisorSettings) -> Self {
         Supervisor {
             settings,
-            current: tokio::sync::Mutex::new(None),
-            jobs: AtomicU64::new(0),
+            pool: Arc::new(Pool {
+                size: pool_size(),
+                instances: Mutex::new(Vec::new()),
+                starting: tokio::sync::Mutex::new(()),
+                growing: AtomicBool::new(false),
+            }),
         }
     }
 
-    /// Hands `request` (its `name` is set here) with the job's status
-    /// socket end and output pipe write ends to the supervisor, starting
-    /// one if none runs. The descriptors are closed on return.
+    /// Hands `request` with the job's status socket end and output pipe
+    /// write ends to a supervisor, starting one if none runs. The
+    /// descriptors are closed on return.
     ///
     /// # Errors
     ///
     /// When no supervisor can be started, or the job cannot be sent (a
     /// command line too long for one message, for one).
-    pub async fn submit(
-        &self,
-        mut request: JobRequest,
-        fds: [OwnedFd; 3],
-    ) -> io::Result<Submitted> {
-        request.name = format!("job-{}", self.jobs.fetch_add(1, Ordering::Relaxed) + 1);
+    pub async fn submit(&self, request: JobRequest, fds: [OwnedFd; 3]) -> io::Result<Submitted> {
         let message = serde_json::to_vec(&request).map_err(io::Error::other)?;
         for attempt in 0..2 {
             let instance = self.instance().await?;
             match send_job(&instance, &message, &fds).await {
                 Ok(()) => {
-                    let cgroup = instance.cgroups.as_ref().map(|d| d.join(&request.name));
-                    return Ok(Submitted { instance, cgroup });
+                    instance.active.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Submitted { instance });
                 }
-                // It died since: once more, with a new one.
+                // It died since: once more, with another one.
                 Err(e) if attempt == 0 && is_gone(&e) => {
                     instance.dead.store(true, Ordering::Relaxed)
                 }
@@ -224,74 +259,116 @@ impl Supervisor {
         Err(io::Error::other("the supervisor died twice in a row"))
     }
 
-    /// The running supervisor, started if there is none.
+    /// The running supervisor with the fewest jobs; one is started if
+    /// none runs, and another in the background if every one is busy
+    /// and the pool is not full.
     async fn instance(&self) -> io::Result<Arc<Instance>> {
-        let mut current = self.current.lock().await;
-        if let Some(instance) = current.as_ref().filter(|i| !i.is_dead()) {
-            return Ok(instance.clone());
+        if let Some(instance) = self.pool.least_busy(&self.settings) {
+            return Ok(instance);
         }
-        let instance = self.start().await?;
-        *current = Some(instance.clone());
+        let _starting = self.pool.starting.lock().await;
+        if let Some(instance) = self.pool.least_busy(&self.settings) {
+            return Ok(instance);
+        }
+        let instance = start(&self.settings).await?;
+        self.pool.add(instance.clone());
         Ok(instance)
+    }
+}
+
+impl Pool {
+    /// The live supervisor with the fewest jobs (forgetting dead ones);
+    /// starts another in the background if it has jobs and there is
+    /// room for one.
+    fn least_busy(self: &Arc<Self>, settings: &SupervisorSettings) -> Option<Arc<Instance>> {
+        let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        instances.retain(|i| !i.is_dead());
+        let best = instances
+            .iter()
+            .min_by_key(|i| i.active.load(Ordering::Relaxed))?
+            .clone();
+        if best.active.load(Ordering::Relaxed) > 0
+            && instances.len() < self.size
+            && !self.growing.swap(true, Ordering::Relaxed)
+        {
+            let (pool, settings) = (self.clone(), settings.clone());
+            tokio::spawn(async move {
+                let _starting = pool.starting.lock().await;
+                match start(&settings).await {
+                    Ok(instance) => pool.add(instance),
+                    Err(e) => tracing::warn!(error = %e, "could not start another supervisor"),
+                }
+                pool.growing.store(false, Ordering::Relaxed);
+            });
+        }
+        Some(best)
     }
 
-    async fn start(&self) -> io::Result<Arc<Instance>> {
-        let cgroup = match self.settings.cgroup.resolve() {
-            Ok(dir) => Some(dir),
-            Err(reason) => {
-                if self.settings.cgroup != CgroupSetting::Off {
-                    tracing::warn!(
-                        reason,
-                        "no job cgroups: every job gets a launcher of its own"
-                    );
-                }
-                None
-            }
-        };
-        let (ours, theirs) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
-            None,
-        )?;
-        let settings = self.settings.clone();
-        let pid =
-            run_on_spawner_thread(move || spawn_supervisor(&settings, cgroup, theirs)).await??;
-        registry().insert(pid.as_raw());
-        let pidfd = rustix::process::Pid::from_raw(pid.as_raw()).and_then(|p| {
-            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
-        });
-        let control = UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(ours))?;
-        let hello = match tokio::time::timeout(HELLO_LIMIT, receive_hello(&control)).await {
-            Ok(Ok(hello)) => hello,
-            failed => {
-                let _ = kill(pid, Signal::SIGKILL);
-                reap_in_background(pid, None);
-                return Err(io::Error::other(match failed {
-                    Ok(Err(e)) => {
-                        format!("the supervisor ({LAUNCHER_NAME} serve) failed to start: {e}")
-                    }
-                    _ => format!("the supervisor ({LAUNCHER_NAME} serve) did not start in time"),
-                }));
-            }
-        };
-        if let Some(reason) = &hello.fallback_reason {
-            tracing::warn!(
-                reason,
-                "job cgroups cannot be used: every job gets a launcher of its own"
-            );
+    fn add(&self, instance: Arc<Instance>) {
+        let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        instances.retain(|i| !i.is_dead());
+        if instances.len() < self.size {
+            instances.push(instance);
         }
-        tracing::debug!(pid = hello.pid, cgroups = ?hello.cgroup, "supervisor started");
-        let instance = Arc::new(Instance {
-            pid,
-            control,
-            cgroups: hello.cgroup.map(PathBuf::from),
-            dead: AtomicBool::new(false),
-            pidfd,
-        });
-        reap_in_background(pid, Some(Arc::downgrade(&instance)));
-        Ok(instance)
     }
+}
+
+/// Starts one supervisor process and waits for its hello.
+async fn start(settings: &SupervisorSettings) -> io::Result<Arc<Instance>> {
+    let cgroup = match settings.cgroup.resolve() {
+        Ok(dir) => Some(dir),
+        Err(reason) => {
+            if settings.cgroup != CgroupSetting::Off {
+                tracing::warn!(
+                    reason,
+                    "no job cgroups: every job gets a launcher of its own"
+                );
+            }
+            None
+        }
+    };
+    let (ours, theirs) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+        None,
+    )?;
+    let owned = settings.clone();
+    let pid = run_on_spawner_thread(move || spawn_supervisor(&owned, cgroup, theirs)).await??;
+    registry().insert(pid.as_raw());
+    let pidfd = rustix::process::Pid::from_raw(pid.as_raw())
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    let control = UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(ours))?;
+    let hello = match tokio::time::timeout(HELLO_LIMIT, receive_hello(&control)).await {
+        Ok(Ok(hello)) => hello,
+        failed => {
+            let _ = kill(pid, Signal::SIGKILL);
+            reap_in_background(pid, None);
+            return Err(io::Error::other(match failed {
+                Ok(Err(e)) => {
+                    format!("the supervisor ({LAUNCHER_NAME} serve) failed to start: {e}")
+                }
+                _ => format!("the supervisor ({LAUNCHER_NAME} serve) did not start in time"),
+            }));
+        }
+    };
+    if let Some(reason) = &hello.fallback_reason {
+        tracing::warn!(
+            reason,
+            "job cgroups cannot be used: every job gets a launcher of its own"
+        );
+    }
+    tracing::debug!(pid = hello.pid, cgroups = ?hello.cgroup, "supervisor started");
+    let instance = Arc::new(Instance {
+        pid,
+        control,
+        cgroups: hello.cgroup.map(PathBuf::from),
+        dead: AtomicBool::new(false),
+        pidfd,
+        active: AtomicUsize::new(0),
+    });
+    reap_in_background(pid, Some(Arc::downgrade(&instance)));
+    Ok(instance)
 }
 
 /// Whether a send failed because the supervisor is gone.
@@ -398,11 +475,25 @@ fn open_fds() -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// Waits for supervisor `pid` to exit on a thread of its own, reaps it and
-/// marks it dead (the next job then starts another).
+/// Waits for supervisor `pid` to exit on a thread of its own (killing it
+/// if it is stopped), reaps it and marks it dead (the next job then goes
+/// to another).
 fn reap_in_background(pid: Pid, instance: Option<Weak<Instance>>) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     let reap = move || {
-        let status = nix::sys::wait::waitpid(pid, None);
+        let status = loop {
+            match waitpid(pid, Some(WaitPidFlag::WUNTRACED)) {
+                // A stopped supervisor would hold its jobs and take new
+                // ones without starting them: it is killed (its launchers
+                // then kill their jobs), and the next job goes to another.
+                Ok(WaitStatus::Stopped(..)) => {
+                    tracing::warn!(pid = pid.as_raw(), "the supervisor was stopped; killing it");
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                other => break other,
+            }
+        };
         registry().remove(pid.as_raw());
         if let Some(instance) = instance.and_then(|w| w.upgrade()) {
             instance.dead.store(true, Ordering::Relaxed);

@@ -1,8 +1,8 @@
 //! Containment against the command itself: a command that kills or stops
-//! the process above it (its launcher, or the supervisor) leaves nothing
-//! running after its job, with job cgroups and without; commands run as
-//! another user cannot touch the daemon; a launcher's impossible pid is
-//! refused.
+//! a process above it (its launcher, or the supervisor above that) leaves
+//! nothing running after its job, with job cgroups and without; commands
+//! run as another user cannot touch the daemon; a launcher's impossible
+//! pid is refused.
 
 use super::*;
 
@@ -26,10 +26,19 @@ fn as_root() -> bool {
     root
 }
 
+/// Whom a command attacks.
+#[derive(Clone, Copy)]
+enum Above {
+    /// Its parent.
+    Launcher,
+    /// Its parent's parent.
+    Supervisor,
+}
+
 /// The escape of issue 14: a command starts a `setsid`'d process, then
-/// kills (or stops) its parent: the launcher, or with job cgroups the
-/// supervisor. The setsid'd process must not outlive the job.
-async fn escape(cgroup: CgroupSetting, signal: &str) {
+/// kills (or stops) its launcher or the supervisor. The setsid'd process
+/// must not outlive the job, and the next job must run.
+async fn escape(cgroup: CgroupSetting, signal: &str, whom: Above) {
     let settings = ExecSettings {
         cgroup: cgroup.clone(),
         ..settings()
@@ -41,20 +50,28 @@ async fn escape(cgroup: CgroupSetting, signal: &str) {
             r#"setsid sh -c 'echo $$ > "$1/pid"; exec sleep 300' sh "$1" &
 while [ ! -s "$1/pid" ]; do sleep 0.01; done
 cat /proc/self/cgroup >&2
-kill -"$2" $PPID
+target=$PPID
+[ "$3" = supervisor ] && target=$(cut -d' ' -f4 /proc/$PPID/stat)
+kill -"$2" $target
 sleep 1"#,
             "sh",
             "{{.dir}}",
-            "{{.signal}}"
+            "{{.signal}}",
+            "{{.whom}}"
         ]),
-        json!([{"name": "dir"}, {"name": "signal"}]),
+        json!([{"name": "dir"}, {"name": "signal"}, {"name": "whom"}]),
         settings,
     );
-    // A short timeout: a stopped supervisor answers nothing.
+    // A short timeout: a stopped launcher answers nothing.
     let text = std::fs::read_to_string(d.dir.path().join("t.json")).unwrap();
     std::fs::write(d.dir.path().join("t.json"), text.replace("30s", "3s")).unwrap();
     d.registry.reload();
-    let body = json!({"dir": d.dir.path().display().to_string(), "signal": signal}).to_string();
+    let whom = match whom {
+        Above::Launcher => "launcher",
+        Above::Supervisor => "supervisor",
+    };
+    let body = json!({"dir": d.dir.path().display().to_string(), "signal": signal, "whom": whom})
+        .to_string();
     let r = d.run(&body).await;
     let pid = pids(&std::fs::read_to_string(d.dir.path().join("pid")).unwrap())[0];
     let _cleanup = KillOnDrop(vec![pid]);
@@ -65,32 +82,57 @@ sleep 1"#,
         process_gone(pid)
     })
     .await;
-    // The next job gets a supervisor that works.
-    let r = d.run(&json!({"dir": "/", "signal": "0"}).to_string()).await;
+    // The next job runs.
+    let body = json!({"dir": "/", "signal": "0", "whom": "launcher"}).to_string();
+    let r = d.run(&body).await;
     assert_eq!(r["status"], "completed", "{r}");
 }
 
 #[tokio::test]
 async fn killing_the_launcher_leaves_nothing_running() {
-    escape(CgroupSetting::Off, "KILL").await;
+    escape(CgroupSetting::Off, "KILL", Above::Launcher).await;
 }
 
 #[tokio::test]
 async fn stopping_the_launcher_leaves_nothing_running() {
-    escape(CgroupSetting::Off, "STOP").await;
+    escape(CgroupSetting::Off, "STOP", Above::Launcher).await;
 }
 
 #[tokio::test]
 async fn killing_the_supervisor_leaves_nothing_running() {
-    if cgroups_usable() {
-        escape(CgroupSetting::Auto, "KILL").await;
-    }
+    escape(CgroupSetting::Off, "KILL", Above::Supervisor).await;
 }
 
 #[tokio::test]
 async fn stopping_the_supervisor_leaves_nothing_running() {
+    escape(CgroupSetting::Off, "STOP", Above::Supervisor).await;
+}
+
+#[tokio::test]
+async fn killing_the_launcher_of_a_job_cgroup_leaves_nothing_running() {
     if cgroups_usable() {
-        escape(CgroupSetting::Auto, "STOP").await;
+        escape(CgroupSetting::Auto, "KILL", Above::Launcher).await;
+    }
+}
+
+#[tokio::test]
+async fn stopping_the_launcher_of_a_job_cgroup_leaves_nothing_running() {
+    if cgroups_usable() {
+        escape(CgroupSetting::Auto, "STOP", Above::Launcher).await;
+    }
+}
+
+#[tokio::test]
+async fn killing_the_supervisor_of_job_cgroups_leaves_nothing_running() {
+    if cgroups_usable() {
+        escape(CgroupSetting::Auto, "KILL", Above::Supervisor).await;
+    }
+}
+
+#[tokio::test]
+async fn stopping_the_supervisor_of_job_cgroups_leaves_nothing_running() {
+    if cgroups_usable() {
+        escape(CgroupSetting::Auto, "STOP", Above::Supervisor).await;
     }
 }
 

@@ -1,10 +1,13 @@
-//! Job cgroups (cgroup v2), the supervisor's side: one directory of its
-//! own under the base the daemon names (`<base>/tailkitd-sv.<pid>`), one
-//! cgroup per job inside it. A command is started *inside* its job's
-//! cgroup: the supervisor moves itself in, spawns (`posix_spawn` returns
-//! once the child has been created, in the supervisor's cgroup of the
-//! moment), and moves itself back. Writing the command's pid into the
+//! Job cgroups (cgroup v2): the supervisor's directory under the base the
+//! daemon names (`<base>/tailkitd-sv.<pid>`, [`Cgroups`]), and in it the
+//! cgroups of its launchers' jobs ([`Parking`]). A command is started
+//! *inside* its job's cgroup: its launcher waits for the job in an empty
+//! cgroup made for it and spawns the command there (`posix_spawn` creates
+//! the child in the cgroup of its caller), then moves itself on into the
+//! next one, ready for its next job. Writing the command's pid into the
 //! cgroup after the spawn would be racy: the command could fork before.
+//! One move per job, made by the launcher after the command started: none
+//! on the way to the command's start, and none in the supervisor.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -28,7 +31,7 @@ impl Cgroups {
     /// Removes what dead supervisors left under `base`, creates this
     /// supervisor's directory and checks, with a probe cgroup, that a job
     /// cgroup can be made, entered, left, killed and removed. Errors say
-    /// why not (the supervisor then gives each job a launcher instead).
+    /// why not (jobs then get no cgroup: their launchers sweep instead).
     pub fn setup(base: &Path) -> Result<Cgroups, String> {
         remove_stale(base);
         let home_dir = cgroup_dir_of("self")
@@ -48,16 +51,15 @@ impl Cgroups {
     }
 
     fn probe(&self) -> Result<(), String> {
-        let probe = self
-            .create("probe")
-            .map_err(|e| format!("creating a job cgroup: {e}"))?;
+        let probe = self.dir.join("probe");
+        std::fs::create_dir(&probe).map_err(|e| format!("creating a job cgroup: {e}"))?;
         let result = (|| {
             if !probe.join("cgroup.kill").exists() {
                 return Err("the kernel has no cgroup.kill (Linux 5.14 or newer needed)".into());
             }
-            self.enter(&probe)
-                .map_err(|e| format!("moving into a job cgroup: {e}"))?;
-            self.leave()
+            enter(&probe).map_err(|e| format!("moving into a job cgroup: {e}"))?;
+            (&self.home)
+                .write_all(b"0")
                 .map_err(|e| format!("moving back out of a job cgroup: {e}"))
         })();
         let _ = remove(&probe);
@@ -69,31 +71,119 @@ impl Cgroups {
         &self.dir
     }
 
-    /// Creates job cgroup `name`.
-    pub fn create(&self, name: &str) -> std::io::Result<PathBuf> {
-        let job = self.dir.join(name);
-        std::fs::create_dir(&job)?;
-        Ok(job)
-    }
-
-    /// Moves this process into `job`.
-    pub fn enter(&self, job: &Path) -> std::io::Result<()> {
-        OpenOptions::new()
-            .write(true)
-            .open(job.join("cgroup.procs"))?
-            .write_all(b"0")
-    }
-
-    /// Moves this process back into its own cgroup.
-    pub fn leave(&self) -> std::io::Result<()> {
-        (&self.home).write_all(b"0")
-    }
-
-    /// Kills and removes every job cgroup left, then the directory (at
-    /// exit; the job cgroups are killed and removed one by one before).
+    /// Kills and removes every job cgroup left (and the launchers waiting
+    /// in theirs), then the directory (at exit).
     pub fn remove_all(&self) {
         kill_and_remove_tree(&self.dir);
     }
+}
+
+/// Where a launcher waits for its jobs: `<dir>/<launcher pid>.<n>`, an
+/// empty cgroup made for the next job. The launcher moves itself into it
+/// ([`Parking::park`]), and the next job's command is born there.
+pub struct Parking {
+    dir: PathBuf,
+    /// `cgroup.procs` of the cgroup the launcher started in.
+    home: File,
+    /// Cgroups made so far.
+    made: u64,
+    /// The cgroup the launcher is in, if not its home, and its
+    /// `cgroup.events` (opened ahead, for the job that will run in it).
+    here: Option<(String, PathBuf, Option<File>)>,
+}
+
+impl Parking {
+    /// Parking in the supervisor's directory `dir`.
+    pub fn new(dir: &Path) -> Result<Parking, String> {
+        let home_dir =
+            cgroup_dir_of("self").ok_or("this process's cgroup v2 directory was not found")?;
+        let home = OpenOptions::new()
+            .write(true)
+            .open(home_dir.join("cgroup.procs"))
+            .map_err(|e| format!("{}/cgroup.procs: {e}", home_dir.display()))?;
+        Ok(Parking {
+            dir: dir.to_path_buf(),
+            home,
+            made: 0,
+            here: None,
+        })
+    }
+
+    /// The cgroup this process is in (its name and directory), unless it
+    /// is home.
+    pub fn here(&self) -> Option<(&str, &Path)> {
+        self.here
+            .as_ref()
+            .map(|(n, d, _)| (n.as_str(), d.as_path()))
+    }
+
+    /// The `cgroup.events` of the cgroup this process is in (once).
+    pub fn take_events(&mut self) -> Option<File> {
+        self.here.as_mut().and_then(|(_, _, events)| events.take())
+    }
+
+    /// Moves this process into a new, empty cgroup (the one it leaves, if
+    /// any, stays as it is: its job's).
+    pub fn park(&mut self) -> std::io::Result<()> {
+        self.made += 1;
+        let name = format!("{}.{}", std::process::id(), self.made);
+        let dir = self.dir.join(&name);
+        std::fs::create_dir(&dir)?;
+        if let Err(e) = enter(&dir) {
+            let _ = remove(&dir);
+            return Err(e);
+        }
+        let events = events(&dir).ok();
+        self.here = Some((name, dir, events));
+        Ok(())
+    }
+
+    /// Moves this process back into the cgroup it started in.
+    pub fn go_home(&mut self) -> std::io::Result<()> {
+        let mut result = (&self.home).write_all(b"0");
+        for _ in 0..3 {
+            if result.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            result = (&self.home).write_all(b"0");
+        }
+        if result.is_ok() {
+            self.here = None;
+        }
+        result
+    }
+}
+
+/// Moves this process into `cgroup`.
+fn enter(cgroup: &Path) -> std::io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))?
+        .write_all(b"0")
+}
+
+/// Kills and removes the cgroups of launcher `pid` under `dir` (it is
+/// gone: whatever ran in them is over); returns those that could not be
+/// removed yet (still emptying), to try again.
+pub fn remove_launchers(dir: &Path, pid: i32) -> Vec<PathBuf> {
+    let prefix = format!("{pid}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .map(|e| e.path())
+        .filter(|cgroup| {
+            let _ = kill(cgroup);
+            remove(cgroup).is_err()
+        })
+        .collect()
 }
 
 /// SIGKILL to every process in `job` and its descendants (`cgroup.kill`:

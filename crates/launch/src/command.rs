@@ -40,16 +40,6 @@ pub struct CommandSpec<'a> {
     pub credentials: Option<&'a Credentials>,
 }
 
-/// A started command.
-#[derive(Debug, Clone, Copy)]
-pub struct Spawned {
-    /// The command's pid (it leads its own process group).
-    pub pid: Pid,
-    /// The `spawn-as` helper that started it, which exits at once and is
-    /// to be reaped.
-    pub helper: Option<Pid>,
-}
-
 /// How long `spawn-as` may take to report, before it is given up on.
 const SPAWN_AS_LIMIT_MS: u16 = 10_000;
 
@@ -96,7 +86,8 @@ fn spawn_error(program: &OsStr, e: Errno) -> Status {
 /// Starts `spec` with `stdio`; `close` lists descriptors to close in the
 /// child besides the close-on-exec ones (a launcher closes every inherited
 /// one). `helper` is this executable, for `spawn-as`, used when `spec`
-/// has credentials or `clear_caps` is set. Returns the command's pid, or
+/// has credentials or `clear_caps` is set (it exits at once, and is to be
+/// reaped). Returns the command's pid (it leads its own process group), or
 /// the status to report.
 pub fn spawn_command(
     spec: &CommandSpec<'_>,
@@ -104,7 +95,7 @@ pub fn spawn_command(
     close: &[RawFd],
     helper: &Path,
     clear_caps: bool,
-) -> Result<Spawned, Status> {
+) -> Result<Pid, Status> {
     if spec.credentials.is_some() || clear_caps {
         return spawn_through_helper(spec, stdio, close, helper);
     }
@@ -121,9 +112,8 @@ pub fn spawn_command(
     actions
         .add_open(0, "/dev/null", OFlag::O_RDONLY, Mode::empty())
         .map_err(setup)?;
-    let pid = posix_spawn(path.as_c_str(), &actions, &attr, &argv, &env)
-        .map_err(|e| spawn_error(spec.program, e))?;
-    Ok(Spawned { pid, helper: None })
+    posix_spawn(path.as_c_str(), &actions, &attr, &argv, &env)
+        .map_err(|e| spawn_error(spec.program, e))
 }
 
 fn to_c_strings(items: &[OsString]) -> Result<Vec<CString>, Status> {
@@ -138,7 +128,7 @@ fn spawn_through_helper(
     stdio: &Stdio,
     close: &[RawFd],
     helper: &Path,
-) -> Result<Spawned, Status> {
+) -> Result<Pid, Status> {
     let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| Status::Error(format!("pipe: {e}")))?;
     let helper_path = c_string(helper.as_os_str())?;
@@ -173,10 +163,7 @@ fn spawn_through_helper(
         .map_err(|e| Status::Error(format!("starting {}: {e}", helper.display())))?;
     drop(report_write);
     match read_report(report_read) {
-        Some(Status::Started(pid)) if pid > 1 => Ok(Spawned {
-            pid: Pid::from_raw(pid),
-            helper: Some(helper_pid),
-        }),
+        Some(Status::Started(pid)) if pid > 1 => Ok(Pid::from_raw(pid)),
         Some(status @ (Status::SpawnError { .. } | Status::Error(_))) => Err(status),
         other => {
             let _ = nix::sys::signal::kill(helper_pid, nix::sys::signal::Signal::SIGKILL);
@@ -296,8 +283,8 @@ fn start_as(creds: &OsStr, program: &OsStr, argv: &[OsString]) -> Result<Status,
         stdout: 1,
         stderr: 2,
     };
-    let spawned = spawn_command(&spec, &stdio, &[], Path::new(""), false)?;
-    Ok(Status::Started(spawned.pid.as_raw()))
+    let pid = spawn_command(&spec, &stdio, &[], Path::new(""), false)?;
+    Ok(Status::Started(pid.as_raw()))
 }
 
 /// Takes on `c`: supplementary groups, then group, then user (real,

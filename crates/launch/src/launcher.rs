@@ -38,10 +38,12 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -51,16 +53,18 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{Pid, dup2_stderr, dup2_stdout, getpid, getppid};
 use tailkitd_launch::{
-    Credentials, LAUNCHER_NAME, Order, ProcStat, SWEEP_LIMIT, Status, proc_stats,
+    Credentials, LAUNCHER_NAME, Order, ProcStat, SWEEP_LIMIT, Status, proc_stat, proc_stats,
 };
+
+use crate::cgroup;
 
 use crate::command::{CommandSpec, Stdio, holds_inheritable_caps, spawn_command};
 
 /// Exit code of a launcher that started nothing (the daemon reads the
 /// status socket, not this; it is for people running the launcher by hand).
-const LAUNCH_FAILED: i32 = 125;
+pub const LAUNCH_FAILED: i32 = 125;
 /// Exit code of a launcher whose sweep gave up.
-const SWEEP_GAVE_UP: i32 = 1;
+pub const SWEEP_GAVE_UP: i32 = 1;
 
 /// Runs the launcher with `args` (after the executable's name) and returns
 /// the code to exit with (0 once the job is over, 1 if a sweep gave up, 125
@@ -77,14 +81,19 @@ pub fn run(args: &[OsString]) -> i32 {
         Ok(Some((program, signals, daemon_pid))) => {
             let mut launcher = Launcher {
                 socket,
-                signals,
+                signals: &signals,
                 daemon_pid,
                 program,
                 program_reaped: false,
                 inbox: Vec::new(),
+                cgroup: None,
+                hung_up: false,
             };
             launcher.send(&Status::Started(program.as_raw()));
-            launcher.supervise()
+            match launcher.supervise() {
+                End::Clean | End::ParentGone => 0,
+                End::GaveUp => SWEEP_GAVE_UP,
+            }
         }
         // The daemon is gone already: nothing starts, nobody listens.
         Ok(None) => LAUNCH_FAILED,
@@ -117,11 +126,30 @@ fn handled_signals() -> SigSet {
     set
 }
 
+/// Steps 1 to 3: the signal descriptor; `None` if the parent (the
+/// supervisor, `parent`) is gone already.
+pub fn prepare(parent: i32) -> Result<Option<SignalFd>, Status> {
+    let failed = |what: &str, e: Errno| Status::Error(format!("{what}: {e}"));
+    let signals = handled_signals();
+    signals
+        .thread_block()
+        .map_err(|e| failed("blocking signals", e))?;
+    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| failed("signalfd", e))?;
+    prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| failed("PR_SET_PDEATHSIG", e))?;
+    // The parent may have died between fork and prctl: then the signal will
+    // never come, and nothing must start.
+    if getppid().as_raw() != parent {
+        return Ok(None);
+    }
+    prctl::set_child_subreaper(true).map_err(|e| failed("PR_SET_CHILD_SUBREAPER", e))?;
+    Ok(Some(signal_fd))
+}
+
 /// Everything up to the running program: its pid, the signal descriptor
 /// and the daemon's pid; `None` if the daemon died before the program
 /// started; the status to report if nothing could start.
 fn start(args: &[OsString]) -> Result<Option<(Pid, SignalFd, Pid)>, Status> {
-    let failed = |what: &str, e: Errno| Status::Error(format!("{what}: {e}"));
     let (credentials, args) = match args {
         [flag, creds, rest @ ..] if flag == "--as" => {
             let creds = creds
@@ -145,19 +173,9 @@ fn start(args: &[OsString]) -> Result<Option<(Pid, SignalFd, Pid)>, Status> {
     let Some(daemon_pid) = daemon_pid.to_str().and_then(|p| p.parse::<i32>().ok()) else {
         return Err(Status::Error("bad daemon pid".into()));
     };
-    let signals = handled_signals();
-    signals
-        .thread_block()
-        .map_err(|e| failed("blocking signals", e))?;
-    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(|e| failed("signalfd", e))?;
-    prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| failed("PR_SET_PDEATHSIG", e))?;
-    // The daemon may have died between fork and prctl: then the signal will
-    // never come, and nothing must start.
-    if getppid().as_raw() != daemon_pid {
+    let Some(signal_fd) = prepare(daemon_pid)? else {
         return Ok(None);
-    }
-    prctl::set_child_subreaper(true).map_err(|e| failed("PR_SET_CHILD_SUBREAPER", e))?;
+    };
     let program = spawn_program(program, argv, credentials.as_ref())?;
     // The program holds the output pipes now; the launcher must not keep
     // them open after the program's last process is gone.
@@ -201,12 +219,11 @@ fn spawn_program(
         &helper,
         holds_inheritable_caps(),
     )
-    .map(|spawned| spawned.pid)
 }
 
 /// The descriptors open in this process (the one used to list them is
 /// closed again by then; closing it in the child is harmless).
-fn open_fds() -> Vec<i32> {
+pub fn open_fds() -> Vec<i32> {
     std::fs::read_dir("/proc/self/fd")
         .map(|dir| {
             dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
@@ -215,30 +232,88 @@ fn open_fds() -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// The running launcher.
-struct Launcher {
-    socket: UnixStream,
-    signals: SignalFd,
-    daemon_pid: Pid,
-    /// The program, leader of its own process group.
-    program: Pid,
-    /// Whether the program's end was reaped (and reported).
-    program_reaped: bool,
-    /// Bytes of an order not complete yet.
-    inbox: Vec<u8>,
+/// How a job's supervision ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The job is over and nothing of it is left.
+    Clean,
+    /// The supervisor (or whoever started the launcher) is gone; the job
+    /// was swept.
+    ParentGone,
+    /// The sweep gave up, and said so on the status socket.
+    GaveUp,
 }
 
-impl Launcher {
-    /// Runs until the job is over; returns the exit code.
-    fn supervise(&mut self) -> i32 {
+/// The job's cgroup, when it has one: it contains the job, instead of the
+/// sweep of the launcher's descendants.
+pub struct JobCgroup {
+    dir: PathBuf,
+    /// Its `cgroup.events`, once the job's end is awaited.
+    events: Option<File>,
+    /// `cgroup.kill` was written; the job is given up at this instant.
+    killing: Option<Instant>,
+}
+
+impl JobCgroup {
+    /// The job cgroup `dir`, with its `cgroup.events` if already open.
+    pub fn new(dir: PathBuf, events: Option<File>) -> JobCgroup {
+        JobCgroup {
+            dir,
+            events,
+            killing: None,
+        }
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// The running launcher.
+pub struct Launcher<'a> {
+    /// The job's status socket.
+    pub socket: UnixStream,
+    /// The launcher's signal descriptor.
+    pub signals: &'a SignalFd,
+    /// Its parent, whose death ends the job.
+    pub daemon_pid: Pid,
+    /// The program, leader of its own process group.
+    pub program: Pid,
+    /// Whether the program's end was reaped (and reported).
+    pub program_reaped: bool,
+    /// Bytes of an order not complete yet.
+    pub inbox: Vec<u8>,
+    /// The job's cgroup, if it has one.
+    pub cgroup: Option<JobCgroup>,
+    /// The status socket ended (the daemon let go of the job).
+    pub hung_up: bool,
+}
+
+impl Launcher<'_> {
+    /// Runs until the job is over; says how it ended.
+    pub fn supervise(&mut self) -> End {
         loop {
-            let (signalled, ordered) = self.wait(true, PollTimeout::NONE);
+            let timeout = match self.cgroup.as_ref().and_then(|c| c.killing) {
+                Some(deadline) => {
+                    let ms = deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_millis()
+                        + 1;
+                    PollTimeout::try_from(ms.min(10_000) as i32).unwrap_or(PollTimeout::MAX)
+                }
+                None => PollTimeout::NONE,
+            };
+            let (signalled, ordered) = self.wait(!self.hung_up, timeout);
             if signalled {
                 for signal in self.take_signals() {
                     match signal {
                         Signal::SIGCHLD | Signal::SIGPIPE => {}
                         // The daemon is gone (the parent-death signal).
-                        Signal::SIGTERM if getppid() != self.daemon_pid => return self.sweep(),
+                        Signal::SIGTERM if getppid() != self.daemon_pid => {
+                            self.stop_all();
+                            return End::ParentGone;
+                        }
                         Signal::SIGTERM => self.terminate(),
                         // Meant for the command.
                         other => {
@@ -248,39 +323,137 @@ impl Launcher {
                         }
                     }
                 }
-                if !self.reap() && self.program_reaped {
+                if !self.reap() && self.program_reaped && self.cgroup.is_none() {
                     // The program ended and left nothing behind.
-                    return 0;
+                    return End::Clean;
                 }
             }
             if ordered {
-                match self.take_orders() {
-                    None => return self.sweep(),
-                    Some(orders) => {
-                        for order in orders {
-                            match order {
-                                Order::Term => self.terminate(),
-                                Order::Kill => return self.sweep(),
+                let orders = self.take_orders().unwrap_or_else(|| {
+                    self.hung_up = true;
+                    vec![Order::Kill]
+                });
+                for order in orders {
+                    match order {
+                        Order::Term => self.terminate(),
+                        Order::Kill => {
+                            if let Some(end) = self.kill() {
+                                return end;
                             }
                         }
                     }
                 }
             }
+            if let Some(end) = self.cgroup_over() {
+                return end;
+            }
         }
     }
 
-    /// Waits for a signal or (with `socket`) an order; returns which came.
+    /// Waits for a signal, (with `socket`) an order or a change of the job
+    /// cgroup's `cgroup.events`; returns whether a signal or an order came.
     fn wait(&self, socket: bool, timeout: PollTimeout) -> (bool, bool) {
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
         if socket {
             fds.push(PollFd::new(self.socket.as_fd(), PollFlags::POLLIN));
         }
+        if let Some(events) = self.cgroup.as_ref().and_then(|c| c.events.as_ref()) {
+            fds.push(PollFd::new(events.as_fd(), PollFlags::POLLPRI));
+        }
         match poll(&mut fds, timeout) {
             Ok(_) => {
                 let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-                (ready(&fds[0]), fds.get(1).is_some_and(ready))
+                (ready(&fds[0]), socket && ready(&fds[1]))
             }
             Err(_) => (false, false),
+        }
+    }
+
+    /// `kill` (or the end of the status socket): the sweep, or
+    /// `cgroup.kill` of the job's cgroup, whose emptying then ends the
+    /// job. Returns the end, if the job is over already.
+    fn kill(&mut self) -> Option<End> {
+        let Some(cgroup) = &mut self.cgroup else {
+            return Some(self.sweep());
+        };
+        if cgroup.killing.is_none() {
+            if let Err(e) = cgroup::kill(&cgroup.dir) {
+                eprintln!(
+                    "{LAUNCHER_NAME}: {}: cgroup.kill: {e}",
+                    cgroup.dir.display()
+                );
+            }
+            cgroup.killing = Some(Instant::now() + SWEEP_LIMIT);
+        }
+        None
+    }
+
+    /// With a cgroup: whether the job is over, that is its program ended
+    /// (or it is being killed) and its cgroup is empty (to be removed once
+    /// the status socket is closed); or its kill did not empty the cgroup
+    /// in time (then it says so).
+    fn cgroup_over(&mut self) -> Option<End> {
+        let cgroup = self.cgroup.as_mut()?;
+        if !self.program_reaped && cgroup.killing.is_none() {
+            return None;
+        }
+        if cgroup.events.is_none() {
+            cgroup.events = cgroup::events(&cgroup.dir).ok();
+        }
+        let empty = match &mut cgroup.events {
+            Some(events) => cgroup::populated(events) == Some(false),
+            None => cgroup::procs(&cgroup.dir).is_empty(),
+        };
+        if empty {
+            self.reap_program();
+            return Some(End::Clean);
+        }
+        if cgroup.killing.is_some_and(|d| Instant::now() >= d) {
+            let left = cgroup::procs(&cgroup.dir).len();
+            self.send(&Status::Error(format!(
+                "sweep incomplete: {left} processes left after {SWEEP_LIMIT:?}"
+            )));
+            return Some(End::GaveUp);
+        }
+        None
+    }
+
+    /// Reaps the program of a job whose cgroup emptied (its end may be
+    /// noticed before its `SIGCHLD`), so that its end is reported; one that
+    /// left the cgroup (as root, it could) is killed first.
+    fn reap_program(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        self.reap();
+        if !self.program_reaped {
+            // Our child, not reaped: the pid is still the program's.
+            let _ = kill(self.program, Signal::SIGKILL);
+        }
+        while !self.program_reaped && Instant::now() < deadline {
+            let peek = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+            if waitid(Id::Pid(self.program), peek).is_err() {
+                // Not our child: nothing to report.
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            self.reap();
+        }
+    }
+
+    /// The parent is gone: kill everything of the job, wait (at most
+    /// [`SWEEP_LIMIT`]) until it is gone.
+    fn stop_all(&mut self) {
+        if self.cgroup.is_none() {
+            self.sweep();
+            return;
+        }
+        self.kill();
+        while self.cgroup_over().is_none() {
+            self.wait(false, PollTimeout::from(10u8));
+            self.take_signals();
+            self.reap();
+        }
+        if let Some(cgroup) = &self.cgroup {
+            let _ = cgroup::remove(&cgroup.dir);
         }
     }
 
@@ -315,20 +488,30 @@ impl Launcher {
         Some(orders)
     }
 
-    fn send(&mut self, status: &Status) {
+    /// Sends `status` on the status socket.
+    pub fn send(&mut self, status: &Status) {
         // A daemon that is gone cannot be told; the end of the socket will
         // make the launcher sweep.
         let _ = self.socket.write_all(format!("{status}\n").as_bytes());
     }
 
-    /// SIGTERM to the program's group and to every other descendant.
+    /// SIGTERM to the program's group and to every other process of the
+    /// job (in its cgroup, or descendants of the launcher).
     fn terminate(&mut self) {
         if !self.program_reaped {
             let _ = killpg(self.program, Signal::SIGTERM);
         }
-        for p in descendants() {
+        let group = self.program.as_raw();
+        let others: Vec<ProcStat> = match &self.cgroup {
+            Some(cgroup) => cgroup::procs(&cgroup.dir)
+                .into_iter()
+                .filter_map(proc_stat)
+                .collect(),
+            None => descendants(),
+        };
+        for p in others {
             // The group's members got it from killpg already.
-            if self.program_reaped || p.pgid != self.program.as_raw() {
+            if self.program_reaped || p.pgid != group {
                 let _ = kill(Pid::from_raw(p.pid), Signal::SIGTERM);
             }
         }
@@ -338,8 +521,8 @@ impl Launcher {
     /// round after round, until no child is left. Gives up after
     /// [`SWEEP_LIMIT`], and then says so on the status socket (`error
     /// sweep incomplete: ...`, for the daemon to try the group once more)
-    /// before exiting. Returns the exit code.
-    fn sweep(&mut self) -> i32 {
+    /// before exiting. Says how it ended.
+    fn sweep(&mut self) -> End {
         let deadline = Instant::now() + SWEEP_LIMIT;
         loop {
             let left = descendants();
@@ -348,14 +531,14 @@ impl Launcher {
                 let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
             }
             if !self.reap() {
-                return 0;
+                return End::Clean;
             }
             if Instant::now() >= deadline {
                 let left = descendants().len();
                 self.send(&Status::Error(format!(
                     "sweep incomplete: {left} processes left after {SWEEP_LIMIT:?}"
                 )));
-                return SWEEP_GAVE_UP;
+                return End::GaveUp;
             }
             // Wait for the next child to end (its children are ours then).
             self.wait(false, PollTimeout::from(10u8));

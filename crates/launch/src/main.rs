@@ -20,7 +20,10 @@
 
 mod cgroup;
 mod command;
+mod control;
 mod launcher;
+mod launchers;
+mod ready;
 mod supervisor;
 
 use std::ffi::OsString;
@@ -30,6 +33,7 @@ fn main() {
     let code = match args.first().and_then(|a| a.to_str()) {
         Some("serve") => supervisor::serve(&args[1..]),
         Some("spawn-as") => command::spawn_as(&args[1..]),
+        Some("ready") => ready::ready(&args[1..]),
         _ => launcher::run(&args),
     };
     std::process::exit(code);

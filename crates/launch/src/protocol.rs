@@ -23,9 +23,14 @@ pub enum Status {
     /// group `PID`.
     Started(i32),
     /// `launcher PID`: the job's own launcher runs as process `PID` (sent
-    /// by the supervisor when it starts one, so that the daemon can kill a
-    /// launcher that hangs).
+    /// by the supervisor when it hands it the job, so that the daemon can
+    /// kill a launcher that hangs).
     Launcher(i32),
+    /// `cgroup NAME`: the job runs in cgroup `NAME` (a [`valid_job_name`]),
+    /// a directory of the supervisor's cgroup directory ([`Hello::cgroup`]).
+    /// Sent before the program starts, so that the daemon can kill the
+    /// whole job even if its launcher dies at once.
+    Cgroup(String),
     /// `spawn-error ERRNO TEXT`: the program could not be executed (no
     /// such file, permission denied, exec format error, ...). Final.
     SpawnError {
@@ -54,6 +59,7 @@ impl Status {
         match word {
             "started" => number().map(Status::Started),
             "launcher" => number().map(Status::Launcher),
+            "cgroup" => valid_job_name(rest).then(|| Status::Cgroup(rest.to_string())),
             "exited" => number().map(Status::Exited),
             "signaled" => number().map(Status::Signaled),
             "spawn-error" => {
@@ -76,6 +82,7 @@ impl fmt::Display for Status {
         match self {
             Status::Started(pid) => write!(f, "started {pid}"),
             Status::Launcher(pid) => write!(f, "launcher {pid}"),
+            Status::Cgroup(name) => write!(f, "cgroup {name}"),
             Status::SpawnError { errno, message } => {
                 write!(f, "spawn-error {errno} {}", one_line(message))
             }
@@ -119,15 +126,13 @@ impl Order {
 /// The largest control message (a job's header) the supervisor accepts.
 pub const MAX_JOB_MESSAGE: usize = 256 << 10;
 
-/// One job, as the daemon hands it to the supervisor: this header (JSON)
-/// in one `SOCK_SEQPACKET` message on the control socket, with three
-/// descriptors passed alongside (`SCM_RIGHTS`), in this order: the job's
-/// end of its status socket, and the write ends of its stdout and stderr
-/// pipes.
+/// One job, as the daemon hands it to the supervisor (and the supervisor
+/// to a launcher): this header (JSON) in one `SOCK_SEQPACKET` message on
+/// the control socket, with three descriptors passed alongside
+/// (`SCM_RIGHTS`), in this order: the job's end of its status socket, and
+/// the write ends of its stdout and stderr pipes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRequest {
-    /// The name of the job's cgroup (`[A-Za-z0-9_.-]`, at most 64 bytes).
-    pub name: String,
     /// The program to execute (an absolute path).
     pub program: String,
     /// Its argv, `argv[0]` included.
@@ -188,7 +193,8 @@ pub struct Hello {
     pub fallback_reason: Option<String>,
 }
 
-/// Whether `name` may name a job's cgroup.
+/// Whether `name` may name a job's cgroup (`[A-Za-z0-9_.-]`, at most 64
+/// bytes, not starting with a dot).
 pub fn valid_job_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -207,6 +213,7 @@ mod tests {
         for status in [
             Status::Started(42),
             Status::Launcher(43),
+            Status::Cgroup("1234.5".into()),
             Status::SpawnError {
                 errno: 8,
                 message: "Exec format error".into(),
@@ -222,7 +229,15 @@ mod tests {
             Status::Error("two\nlines".into()).to_string(),
             "error two lines"
         );
-        for bad in ["", "started", "exited x", "spawn-error x y", "hello 1"] {
+        for bad in [
+            "",
+            "started",
+            "exited x",
+            "spawn-error x y",
+            "hello 1",
+            "cgroup ../x",
+            "cgroup ",
+        ] {
             assert_eq!(Status::parse(bad), None, "{bad:?}");
         }
         for order in [Order::Term, Order::Kill] {
