@@ -13,6 +13,7 @@ mod kill;
 mod output;
 mod process;
 mod registry;
+mod reuse;
 mod router;
 mod serving;
 mod tool_files;

@@ -9,6 +9,10 @@
 //! tests' stand-ins) is started per job as `LAUNCHER [--as CREDENTIALS]
 //! PARENT_PID PROGRAM ARGV...`, the status socket as stdin.
 //!
+//! A ready launcher only ever runs jobs of one user: the credentials of
+//! its first job (or none, the supervisor's own user); a job of another
+//! user goes to another launcher.
+//!
 //! A few ready launchers are kept idle ([`MAX_IDLE`]); past one, those
 //! idle for [`IDLE_LIMIT`] are let go (their control socket closed, they
 //! exit).
@@ -27,7 +31,7 @@ use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_s
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::stat::Mode;
 use nix::unistd::Pid;
-use tailkitd_launch::{JobRequest, Status};
+use tailkitd_launch::{Credentials, JobRequest, Status};
 
 use crate::control;
 
@@ -41,6 +45,9 @@ pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
 struct Ready {
     pid: Pid,
     control: OwnedFd,
+    /// Whose commands it starts (the jobs' credentials, `None`: the
+    /// supervisor's own user): it never gets a job of anyone else.
+    owner: Option<Credentials>,
     /// When it last became idle.
     since: Instant,
 }
@@ -107,13 +114,16 @@ impl Launchers {
     fn hand_over(&mut self, request: &JobRequest, fds: &[OwnedFd; 3]) -> Option<Pid> {
         let message = serde_json::to_vec(request).ok()?;
         let borrowed = [fds[0].as_fd(), fds[1].as_fd(), fds[2].as_fd()];
+        let owner = request.credentials.as_ref();
         let mut fresh = false;
         loop {
-            let ready = match self.idle.pop() {
-                Some(ready) => ready,
+            // The most recently idle of this owner's.
+            let mine = self.idle.iter().rposition(|r| r.owner.as_ref() == owner);
+            let ready = match mine {
+                Some(i) => self.idle.remove(i),
                 None if !fresh => {
                     fresh = true;
-                    self.start_ready()?
+                    self.start_ready(owner.cloned())?
                 }
                 None => return None,
             };
@@ -133,7 +143,7 @@ impl Launchers {
     }
 
     /// Starts a ready launcher.
-    fn start_ready(&mut self) -> Option<Ready> {
+    fn start_ready(&mut self, owner: Option<Credentials>) -> Option<Ready> {
         let (ours, theirs) = rustix::net::socketpair(
             rustix::net::AddressFamily::UNIX,
             rustix::net::SocketType::SEQPACKET,
@@ -160,6 +170,7 @@ impl Launchers {
                 Some(Ready {
                     pid,
                     control: ours,
+                    owner,
                     since: Instant::now(),
                 })
             }
@@ -248,19 +259,25 @@ impl Launchers {
         self.all.iter().copied()
     }
 
-    /// The control sockets of the ready launchers running a job, whose
-    /// `ready` is awaited, by index for [`Launchers::answered`].
-    pub fn busy(&self) -> impl Iterator<Item = (usize, BorrowedFd<'_>)> {
-        self.busy.iter().map(|r| r.control.as_fd()).enumerate()
+    /// The ready launchers running a job, whose `ready` is awaited: their
+    /// pids and control sockets.
+    pub fn busy(&self) -> impl Iterator<Item = (i32, BorrowedFd<'_>)> {
+        self.busy
+            .iter()
+            .map(|r| (r.pid.as_raw(), r.control.as_fd()))
     }
 
-    /// The busy launchers of these indices said something (`ready`, or
-    /// the end of their control socket: they exited).
-    pub fn answered(&mut self, indices: &[usize]) {
+    /// The busy launchers `pids` said something (`ready`, or the end of
+    /// their control socket: they exited). A pid no longer busy (reaped
+    /// since) is passed over.
+    pub fn answered(&mut self, pids: &[i32]) {
         let now = Instant::now();
         let mut buf = [0u8; 16];
-        for i in indices.iter().rev() {
-            let ready = self.busy.swap_remove(*i);
+        for pid in pids {
+            let Some(i) = self.busy.iter().position(|r| r.pid.as_raw() == *pid) else {
+                continue;
+            };
+            let ready = self.busy.swap_remove(i);
             let said =
                 rustix::net::recv(&ready.control, &mut buf, rustix::net::RecvFlags::DONTWAIT);
             match said {

@@ -125,8 +125,8 @@ struct Supervisor {
 struct Ready {
     control: bool,
     signals: bool,
-    /// Busy ready launchers that said something.
-    launchers: Vec<usize>,
+    /// Busy ready launchers that said something (their pids).
+    launchers: Vec<i32>,
 }
 
 impl Supervisor {
@@ -231,9 +231,9 @@ impl Supervisor {
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
         ];
         let mut owners = Vec::new();
-        for (i, control) in self.launchers.busy() {
+        for (pid, control) in self.launchers.busy() {
             fds.push(PollFd::new(control, PollFlags::POLLIN));
-            owners.push(i);
+            owners.push(pid);
         }
         let mut ready = Ready::default();
         if poll(&mut fds, timeout).is_err() {
@@ -246,7 +246,7 @@ impl Supervisor {
             .iter()
             .zip(owners)
             .filter(|(fd, _)| is_ready(fd))
-            .map(|(_, i)| i)
+            .map(|(_, pid)| pid)
             .collect();
         ready
     }

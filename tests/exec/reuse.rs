@@ -1,0 +1,178 @@
+//! Launchers kept ready and reused from one job to the next: a job finds
+//! nothing of the one before in its launcher (descriptors, environment,
+//! working directory, leftover processes), with job cgroups and without,
+//! and commands of different users never share a launcher.
+
+use super::*;
+
+/// Prints, for the command's launcher (its parent once a `spawn-as`
+/// helper is out of the way): `launcher PID`, `children PIDS` (of the
+/// launcher), `self PID`, then its descriptors, working directory and
+/// environment.
+const PROBE: &str = r#"p=$(cut -d' ' -f4 /proc/$$/stat)
+while grep -q spawn-as /proc/$p/cmdline 2>/dev/null; do sleep 0.01; p=$(cut -d' ' -f4 /proc/$$/stat); done
+echo "launcher $p"
+echo "children $(cat /proc/$p/task/*/children)"
+echo "self $$"
+ls /proc/self/fd | tr '\n' ' '; echo
+pwd
+env | sort"#;
+
+/// One tool with `dirty` (leaves a `setsid`'d process, its pid in
+/// `dir/pid`, an environment variable and a working directory of its own
+/// behind, and prints its launcher) and `probe` ([`PROBE`]); and `dir`.
+fn stack(cgroup: CgroupSetting) -> (Stack, tempfile::TempDir) {
+    let leftovers = tempfile::tempdir().unwrap();
+    let dir = leftovers.path();
+    let dirty = json!({
+        "name": "dirty",
+        "exec_parts": ["/bin/sh", "-c", r#"setsid sh -c 'echo $$ > "$1/pid"; exec sleep 300' sh "$1" >/dev/null 2>&1 &
+while [ ! -s "$1/pid" ]; do sleep 0.01; done
+echo "launcher $PPID""#, "sh", dir.display().to_string()],
+        "env": {"LEFT_BEHIND": "1"},
+        "workdir": dir.display().to_string(),
+        "timeout": "30s"
+    });
+    let probe = json!({"name": "probe", "exec_parts": ["/bin/sh", "-c", PROBE], "timeout": "30s"});
+    let tool = json!({"name": "t", "commands": [dirty, probe]});
+    let d = Stack::new(
+        &[("t.json", &tool.to_string())],
+        ExecSettings {
+            cgroup,
+            ..settings()
+        },
+    );
+    (d, leftovers)
+}
+
+async fn call(d: &Stack, command: &str) -> Value {
+    let (s, v, _) = d
+        .request(&alice(), "POST", &format!("/exec/t/{command}?wait=30s"), "")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "completed", "{v}");
+    v
+}
+
+/// The value of `key` in a probe's or a dirty job's output.
+fn field(v: &Value, key: &str) -> String {
+    let out = v["stdout"].as_str().unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")))
+        .unwrap_or_else(|| panic!("no {key} in {v}"))
+        .trim()
+        .to_string()
+}
+
+/// What a probe reports of its surroundings: descriptors, working
+/// directory and environment (without the job's own id).
+fn surroundings(v: &Value) -> String {
+    let out = v["stdout"].as_str().unwrap();
+    out.lines()
+        .skip(3)
+        .filter(|l| !l.starts_with("TAILKIT_JOB_ID="))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `dirty` then `probe` until the probe ran in the launcher of the
+/// dirty job: each time the dirty job's leftover is gone once its job
+/// ended, and the probe sees what a probe sees in a fresh launcher.
+async fn nothing_passes(cgroup: CgroupSetting) {
+    let (d, leftovers) = stack(cgroup);
+    let pid_file = leftovers.path().join("pid");
+    let fresh = call(&d, "probe").await;
+    assert_eq!(field(&fresh, "children"), field(&fresh, "self"), "{fresh}");
+    let expected = surroundings(&fresh);
+    assert!(expected.starts_with("0 1 2 3 \n/\n"), "{fresh}");
+    assert!(!expected.contains("LEFT_BEHIND"), "{fresh}");
+    let mut reused = 0;
+    for _ in 0..10 {
+        let dirty = call(&d, "dirty").await;
+        let left = pids(&std::fs::read_to_string(&pid_file).unwrap())[0];
+        std::fs::remove_file(&pid_file).unwrap();
+        let _cleanup = KillOnDrop(vec![left]);
+        // Gone once its job ended (the daemon's result comes when its
+        // launcher is done with it).
+        assert!(process_gone(left), "leftover {left} of {dirty}");
+        let probe = call(&d, "probe").await;
+        // The probe's launcher has no child but the probe.
+        assert_eq!(field(&probe, "children"), field(&probe, "self"), "{probe}");
+        assert_eq!(surroundings(&probe), expected, "{probe}");
+        if field(&probe, "launcher") == field(&dirty, "launcher") {
+            reused += 1;
+            if reused == 3 {
+                break;
+            }
+        }
+    }
+    assert!(reused > 0, "no launcher was ever reused");
+}
+
+#[tokio::test]
+async fn a_reused_launcher_passes_nothing_on_without_cgroups() {
+    nothing_passes(CgroupSetting::Off).await;
+}
+
+#[tokio::test]
+async fn a_reused_launcher_passes_nothing_on_with_cgroups() {
+    if CgroupSetting::Auto.resolve().is_ok() {
+        nothing_passes(CgroupSetting::Auto).await;
+    } else {
+        eprintln!("skipped: no job cgroups here");
+    }
+}
+
+/// Commands as the daemon's own user and as nobody, in turns: no launcher
+/// serves both.
+async fn users_apart(cgroup: CgroupSetting) {
+    let (own, _leftovers) = stack(cgroup);
+    let tool = json!({"name": "u", "user": "65534", "group": 65534, "commands": [
+        {"name": "probe", "exec_parts": ["/bin/sh", "-c", PROBE], "timeout": "30s"}
+    ]});
+    std::fs::write(own.dir.path().join("u.json"), tool.to_string()).unwrap();
+    own.registry.reload();
+    assert!(
+        own.registry.problems().is_empty(),
+        "{:?}",
+        own.registry.problems()
+    );
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..6 {
+        ours.push(field(&call(&own, "probe").await, "launcher"));
+        let (s, v, _) = own
+            .request(&alice(), "POST", "/exec/u/probe?wait=30s", "")
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["status"], "completed", "{v}");
+        theirs.push(field(&v, "launcher"));
+    }
+    for pid in &theirs {
+        assert!(
+            !ours.contains(pid),
+            "shared launcher {pid}: {ours:?} {theirs:?}"
+        );
+    }
+}
+
+fn as_root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        eprintln!("skipped: needs root (to run commands as another user)");
+    }
+    root
+}
+
+#[tokio::test]
+async fn users_never_share_a_launcher_without_cgroups() {
+    if as_root() {
+        users_apart(CgroupSetting::Off).await;
+    }
+}
+
+#[tokio::test]
+async fn users_never_share_a_launcher_with_cgroups() {
+    if as_root() && CgroupSetting::Auto.resolve().is_ok() {
+        users_apart(CgroupSetting::Auto).await;
+    }
+}
