@@ -176,3 +176,46 @@ async fn users_never_share_a_launcher_with_cgroups() {
         users_apart(CgroupSetting::Auto).await;
     }
 }
+
+/// A job that runs a while costs its launcher next to no CPU: it waits
+/// (for a signal, an order, or its cgroup to empty), it does not spin.
+async fn waits_idle(cgroup: CgroupSetting) {
+    // The launcher's utime + stime in clock ticks (100 a second here),
+    // after one second of the command sleeping.
+    let d = Stack::command(
+        json!([
+            "/bin/sh",
+            "-c",
+            "sleep 1; cut -d' ' -f14,15 /proc/$PPID/stat"
+        ]),
+        json!([]),
+        ExecSettings {
+            cgroup,
+            ..settings()
+        },
+    );
+    let r = d.run("").await;
+    assert_eq!(r["status"], "completed", "{r}");
+    let ticks: u64 = r["stdout"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .map(|t| t.parse::<u64>().unwrap())
+        .sum();
+    // A spinning launcher would have used most of that second.
+    assert!(ticks < 25, "the launcher used {ticks} ticks of CPU: {r}");
+}
+
+#[tokio::test]
+async fn a_launcher_waits_without_spinning_without_cgroups() {
+    waits_idle(CgroupSetting::Off).await;
+}
+
+#[tokio::test]
+async fn a_launcher_waits_without_spinning_with_cgroups() {
+    if CgroupSetting::Auto.resolve().is_ok() {
+        waits_idle(CgroupSetting::Auto).await;
+    } else {
+        eprintln!("skipped: no job cgroups here");
+    }
+}

@@ -357,7 +357,15 @@ impl Launcher<'_> {
         if socket {
             fds.push(PollFd::new(self.socket.as_fd(), PollFlags::POLLIN));
         }
-        if let Some(events) = self.cgroup.as_ref().and_then(|c| c.events.as_ref()) {
+        // Only once the job's end is awaited: `cgroup.events` stays
+        // readable (POLLPRI) from its last change until it is read again,
+        // and it is read only then (see `cgroup_over`).
+        if let Some(cgroup) = self
+            .cgroup
+            .as_ref()
+            .filter(|c| self.program_reaped || c.killing.is_some())
+            && let Some(events) = cgroup.events.as_ref()
+        {
             fds.push(PollFd::new(events.as_fd(), PollFlags::POLLPRI));
         }
         match poll(&mut fds, timeout) {
