@@ -36,7 +36,7 @@ use tailkitd_launch::{Credentials, JobRequest, Status};
 use crate::control;
 
 /// Idle ready launchers kept at most.
-pub const MAX_IDLE: usize = 4;
+pub const MAX_IDLE: usize = 16;
 
 /// How long a ready launcher may stay idle, past the first.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(60);

@@ -20,9 +20,9 @@
 //!   the request's environment and contains the job as the per-job
 //!   launcher does (its sweep).
 //!
-//! Once the job is over and nothing of it is left, it closes the job's
-//! status socket, says `ready` on the control socket and waits for the
-//! next. It exits at the end of the control socket, when its parent dies,
+//! Once the job is over and nothing of it is left, it says `ready` on the
+//! control socket, closes the job's status socket, removes the job's
+//! cgroup and waits for the next. It exits at the end of the control socket, when its parent dies,
 //! and after a sweep that gave up.
 
 use std::ffi::{OsStr, OsString};
@@ -98,27 +98,46 @@ pub fn ready(args: &[OsString]) -> i32 {
         let Some((request, fds)) = jobs.next(&control, &mut buf) else {
             return 0;
         };
-        let end = match (request, <[OwnedFd; 3]>::try_from(fds)) {
+        let done = match (request, <[OwnedFd; 3]>::try_from(fds)) {
             (Some(request), Ok(fds)) => jobs.run(&request, fds),
             (None, Ok([status, _, _])) => {
+                let mut socket = UnixStream::from(status);
                 let line = format!("{}\n", Status::Error("malformed job message".into()));
-                let _ = UnixStream::from(status).write_all(line.as_bytes());
-                End::Clean
+                let _ = socket.write_all(line.as_bytes());
+                Done {
+                    end: End::Clean,
+                    socket,
+                    cgroup: None,
+                }
             }
             // Not a job: nobody to tell.
             (_, Err(_)) => continue,
         };
-        match end {
-            End::Clean => {}
-            End::ParentGone => return 0,
+        // `ready` goes to the supervisor before the daemon sees the job's
+        // end (its status socket closing): the daemon's next job then
+        // finds this launcher back in the pool rather than starting
+        // another. The job is over already; what follows only tidies up,
+        // before the next job is read.
+        let ready = done.end == End::Clean
+            && rustix::net::send(&control, b"ready", rustix::net::SendFlags::NOSIGNAL).is_ok();
+        drop(done.socket);
+        match done.end {
+            End::Clean if ready => {}
+            End::Clean | End::ParentGone => return 0,
             End::GaveUp => return SWEEP_GAVE_UP,
         }
+        jobs.leftovers.extend(done.cgroup);
         let _ = nix::unistd::chdir("/");
         jobs.leftovers.retain(|dir| cgroup::remove(dir).is_err());
-        if rustix::net::send(&control, b"ready", rustix::net::SendFlags::NOSIGNAL).is_err() {
-            return 0;
-        }
     }
+}
+
+/// A job that is over, its status socket still open.
+struct Done {
+    end: End,
+    socket: UnixStream,
+    /// Its cgroup, empty, to be removed.
+    cgroup: Option<PathBuf>,
 }
 
 /// What a ready launcher keeps from one job to the next.
@@ -174,8 +193,8 @@ impl Jobs {
         }
     }
 
-    /// Runs one job to its end. The status socket is closed on return.
-    fn run(&mut self, request: &JobRequest, [status, stdout, stderr]: [OwnedFd; 3]) -> End {
+    /// Runs one job to its end; its status socket is closed by the caller.
+    fn run(&mut self, request: &JobRequest, [status, stdout, stderr]: [OwnedFd; 3]) -> Done {
         let mut socket = UnixStream::from(status);
         let mut say = |status: &Status| {
             let _ = socket.write_all(format!("{status}\n").as_bytes());
@@ -188,7 +207,11 @@ impl Jobs {
                     && let Err(e) = parking.park()
                 {
                     say(&Status::Error(format!("creating the job's cgroup: {e}")));
-                    return End::Clean;
+                    return Done {
+                        end: End::Clean,
+                        socket,
+                        cgroup: None,
+                    };
                 }
                 let events = parking.take_events();
                 parking.here().map(|(name, dir)| {
@@ -213,7 +236,11 @@ impl Jobs {
                         self.leftovers.push(dir);
                     }
                 }
-                return End::Clean;
+                return Done {
+                    end: End::Clean,
+                    socket,
+                    cgroup: None,
+                };
             }
         };
         let mut launcher = Launcher {
@@ -235,20 +262,21 @@ impl Jobs {
                 )));
                 // Kills this process too: the daemon kills what is left.
                 let _ = cgroup::kill(&dir);
-                return End::GaveUp;
+                return Done {
+                    end: End::GaveUp,
+                    socket: launcher.socket,
+                    cgroup: None,
+                };
             }
             launcher.cgroup = Some(JobCgroup::new(dir, events));
         }
         let end = launcher.supervise();
-        let cgroup = launcher.cgroup.take();
-        // The status socket closes: the job is over for the daemon.
-        drop(launcher);
-        if let Some(cgroup) = cgroup.filter(|_| end == End::Clean)
-            && cgroup::remove(cgroup.dir()).is_err()
-        {
-            self.leftovers.push(cgroup.dir().to_path_buf());
+        let cgroup = launcher.cgroup.take().filter(|_| end == End::Clean);
+        Done {
+            end,
+            socket: launcher.socket,
+            cgroup: cgroup.map(|c| c.dir().to_path_buf()),
         }
-        end
     }
 
     /// Leaves `dir` for a new cgroup, ready for the next job (or for home);

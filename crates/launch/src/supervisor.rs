@@ -213,10 +213,12 @@ impl Supervisor {
             if ready.signals && self.handle_signals() {
                 break;
             }
+            // Launchers back in the pool first: a job that ended said
+            // `ready` before the daemon could send the next.
+            self.launchers.answered(&ready.launchers);
             if ready.control && !self.receive() {
                 break;
             }
-            self.launchers.answered(&ready.launchers);
             self.leftovers
                 .retain(|(dir, _)| cgroup::remove(dir).is_err());
         }
