@@ -307,10 +307,11 @@ impl Launchers {
     }
 
     /// Lets go of every ready launcher (at exit; those with a job get the
-    /// parent-death signal and sweep).
-    pub fn clear(&mut self) {
-        self.idle.clear();
+    /// parent-death signal and sweep); returns the pids of the idle ones,
+    /// which exit at once.
+    pub fn clear(&mut self) -> Vec<i32> {
         self.busy.clear();
+        self.idle.drain(..).map(|r| r.pid.as_raw()).collect()
     }
 }
 

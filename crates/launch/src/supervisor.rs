@@ -350,7 +350,17 @@ impl Supervisor {
     /// Launchers get the parent-death signal when this process exits, and
     /// kill their jobs; the job cgroups are killed here as well.
     fn shut_down(&mut self) {
-        self.launchers.clear();
+        // The idle launchers exit at the end of their control socket:
+        // reaped here (for a second at most), they are nobody's orphans.
+        let mut idle = self.launchers.clear();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !idle.is_empty() && Instant::now() < deadline {
+            match rustix::process::wait(WaitOptions::NOHANG) {
+                Ok(Some((pid, _))) => idle.retain(|p| *p != pid.as_raw_nonzero().get()),
+                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+                Err(_) => break,
+            }
+        }
         if let Some(cgroups) = &self.cgroups {
             cgroups.remove_all();
         }
