@@ -125,6 +125,17 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                 source,
             })?,
         );
+    // Jobs a killed daemon left open get their end: exec.abandoned.
+    match audit.close_abandoned() {
+        Ok(0) => {}
+        Ok(closed) => warn!(
+            closed,
+            "recorded jobs of a previous run that never ended as exec.abandoned"
+        ),
+        Err(e) => {
+            error!(error = %e, "could not check the audit log for jobs a previous run left open")
+        }
+    }
 
     let exec_settings = ExecSettings {
         max_jobs: settings.max_jobs,

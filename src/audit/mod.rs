@@ -1,25 +1,33 @@
 //! The audit log: one JSON object per line, appended and handed to the OS
 //! before the caller goes on, so an `exec.accepted` record exists before the
 //! command starts. A separate sink from `tracing`: operators ship and keep
-//! it differently from debug logs. One thread of its own does the writing.
+//! it differently from debug logs. One thread of its own does the writing
+//! ([`writer`]): a record it cannot write (a full disk) is kept and written
+//! once the sink takes records again, except an acceptance, whose job is
+//! refused instead; `/health` tells while that lasts ([`AuditLog::status`]).
+//! At start, the daemon closes the jobs a killed daemon left open in the
+//! log ([`AuditLog::close_abandoned`], in [`recover`]).
+
+mod recover;
+mod writer;
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::identity::Identity;
+use writer::{Health, Kind, Order, Reply, Sink};
 
-/// The three kinds of audit record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The kinds of audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuditEvent {
     /// A job was accepted; written before its process starts.
     #[serde(rename = "exec.accepted")]
@@ -30,10 +38,16 @@ pub enum AuditEvent {
     /// A job that was accepted reached a terminal state.
     #[serde(rename = "exec.finished")]
     Finished,
+    /// A job whose acceptance is in the log but whose end is not: the
+    /// daemon was killed (or crashed) while it ran, and the command did not
+    /// outlive it. Written at the next start.
+    #[serde(rename = "exec.abandoned")]
+    Abandoned,
 }
 
 /// The caller as the audit log names it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AuditCaller {
     /// MagicDNS name of the calling node.
     pub node: String,
@@ -61,20 +75,21 @@ impl AuditCaller {
 }
 
 /// One line of the audit log. Optional fields are left out when unset.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// RFC 3339 UTC timestamp with milliseconds, set by [`AuditRecord::new`].
     pub ts: String,
     /// Which kind of record this is.
     pub event: AuditEvent,
     /// Who asked.
+    #[serde(default)]
     pub caller: AuditCaller,
     /// Tool name from the request path.
     pub tool: String,
     /// Command name from the request path.
     pub command: String,
     /// Arguments as given, sensitive ones replaced by `"<redacted>"`.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub args: BTreeMap<String, serde_json::Value>,
     /// The job id (accepted and finished records).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -159,12 +174,6 @@ enum Target {
     Memory,
 }
 
-enum Sink {
-    File(File),
-    Stdout,
-    Memory(Arc<Mutex<Vec<String>>>),
-}
-
 /// How long a caller waits for its record to be written before it gives up
 /// (and, for an acceptance, refuses the job).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,20 +184,36 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// written.
 const QUEUE: usize = 256;
 
-/// Tells a waiting caller how its order went.
-type Reply = Box<dyn FnOnce(io::Result<()>) + Send>;
+/// The state of the audit log, as `/health` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditStatus {
+    /// The last write failed and none has succeeded since: new jobs are
+    /// refused (their acceptance cannot be written).
+    pub failing: bool,
+    /// The last write error, while failing.
+    pub error: Option<String>,
+    /// Records kept for when the log can be written again.
+    pub queued: usize,
+    /// Denials lost because too many records were kept already.
+    pub dropped: u64,
+}
 
-enum Order {
-    /// Append `line`, unless its caller gave up waiting and set
-    /// `abandoned` (only acceptances carry one; every other record is
-    /// written however late).
-    Write {
-        line: String,
-        abandoned: Option<Arc<AtomicBool>>,
-        reply: Reply,
-    },
-    /// Reopen the file.
-    Reopen { reply: Reply },
+/// Whether `e`, returned for a record, means that the record was not
+/// written yet but is kept and will be, in order, once the log can be
+/// written again.
+pub fn is_queued(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<writer::Queued>())
+}
+
+/// Logs a record of `event` that [`AuditLog::record`] could not write:
+/// as a warning when it is kept for later, else as an error.
+pub fn log_unwritten(event: &str, e: &io::Error) {
+    if is_queued(e) {
+        tracing::warn!(error = %e, "the {event} audit record could not be written yet; it is kept");
+    } else {
+        tracing::error!(error = %e, "could not write the {event} audit record");
+    }
 }
 
 /// The audit log writer. Cheap to share behind an `Arc`. One thread of its
@@ -205,6 +230,7 @@ pub struct AuditLog {
     queued: Arc<AtomicUsize>,
     memory: Option<Arc<Mutex<Vec<String>>>>,
     write_timeout: Duration,
+    health: Arc<Health>,
 }
 
 impl AuditLog {
@@ -219,15 +245,11 @@ impl AuditLog {
         if path.as_os_str() == "-" {
             return AuditLog::start(Target::Stdout, Sink::Stdout);
         }
-        let file = open_append(path)?;
+        let file = writer::open_append(path)?;
         AuditLog::start(Target::File(path.to_path_buf()), Sink::File(file))
     }
 
     /// A log that keeps its lines in memory; see [`AuditLog::lines`].
-    ///
-    /// # Panics
-    ///
-    /// When the writer thread cannot start (tests and benchmarks only).
     pub fn in_memory() -> Self {
         AuditLog {
             target: Target::Memory,
@@ -235,6 +257,7 @@ impl AuditLog {
             queued: Arc::default(),
             memory: Some(Arc::new(Mutex::new(Vec::new()))),
             write_timeout: WRITE_TIMEOUT,
+            health: Arc::default(),
         }
     }
 
@@ -247,20 +270,22 @@ impl AuditLog {
     fn start(target: Target, sink: Sink) -> io::Result<Self> {
         let (orders, queue) = std::sync::mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let health = Arc::new(Health::default());
         let path = match &target {
             Target::File(p) => Some(p.clone()),
             _ => None,
         };
-        let taken = queued.clone();
+        let (taken, writer_health) = (queued.clone(), health.clone());
         std::thread::Builder::new()
             .name("tailkitd-audit".into())
-            .spawn(move || write_orders(sink, path, queue, &taken))?;
+            .spawn(move || writer::write_orders(sink, path, queue, &taken, &writer_health))?;
         Ok(AuditLog {
             target,
             orders: Some(orders),
             queued,
             memory: None,
             write_timeout: WRITE_TIMEOUT,
+            health,
         })
     }
 
@@ -281,8 +306,28 @@ impl AuditLog {
         }
     }
 
-    /// Reopens the file (after log rotation moved it away). A no-op for
-    /// stdout and memory logs. On failure the old file stays in use.
+    /// Whether the log can be written, and what waits for it.
+    pub fn status(&self) -> AuditStatus {
+        let failing = self.health.failing.load(Ordering::SeqCst);
+        AuditStatus {
+            failing,
+            error: if failing {
+                self.health
+                    .error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            } else {
+                None
+            },
+            queued: self.health.backlog.load(Ordering::SeqCst),
+            dropped: self.health.dropped.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Reopens the file (after log rotation moved it away), then writes
+    /// whatever records wait. A no-op for stdout and memory logs. On
+    /// failure the old file stays in use.
     ///
     /// # Errors
     ///
@@ -306,13 +351,14 @@ impl AuditLog {
     /// When the line cannot be written completely (disk full, file gone
     /// read-only, ...), too many records are already waiting (never for an
     /// `exec.finished`), or the write takes longer than [`WRITE_TIMEOUT`].
-    /// A late acceptance is then not written (unless its write had already
-    /// begun): the caller refuses the job. Any other late record is still
-    /// written when the sink moves again.
+    /// An acceptance that failed or came too late is not written (unless
+    /// its write had already begun): the caller refuses the job. Any other
+    /// record that could not be written yet is kept and written later, in
+    /// order ([`is_queued`] tells).
     pub fn record(&self, record: &AuditRecord) -> io::Result<()> {
         let line = to_line(record)?;
         if let Some(lines) = &self.memory {
-            return write_line(&mut Sink::Memory(lines.clone()), line);
+            return write_in_memory(lines, line);
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let abandoned = abandonable(record);
@@ -340,7 +386,7 @@ impl AuditLog {
     pub async fn record_async(&self, record: &AuditRecord) -> io::Result<()> {
         let line = to_line(record)?;
         if let Some(lines) = &self.memory {
-            return write_line(&mut Sink::Memory(lines.clone()), line);
+            return write_in_memory(lines, line);
         }
         let abandoned = abandonable(record);
         let (reply, answer) = async_reply();
@@ -368,7 +414,7 @@ impl AuditLog {
     }
 
     /// Queues `line`, the text of `record`: bounded by [`QUEUE`] unless it
-    /// is an `exec.finished`.
+    /// is an `exec.finished` (or `exec.abandoned`).
     fn write(
         &self,
         record: &AuditRecord,
@@ -376,12 +422,18 @@ impl AuditLog {
         abandoned: Option<Arc<AtomicBool>>,
         reply: Reply,
     ) -> io::Result<()> {
+        let kind = match record.event {
+            AuditEvent::Accepted => Kind::Acceptance,
+            AuditEvent::Denied => Kind::Denial,
+            AuditEvent::Finished | AuditEvent::Abandoned => Kind::Finish,
+        };
         let order = Order::Write {
             line,
+            kind,
             abandoned,
             reply,
         };
-        self.send(order, record.event != AuditEvent::Finished)
+        self.send(order, kind != Kind::Finish)
     }
 
     /// Queues `order`; a `bounded` one is refused once [`QUEUE`] orders
@@ -432,71 +484,10 @@ fn timed_out() -> io::Error {
     )
 }
 
-/// The writer thread: carries out orders until every sender is gone.
-fn write_orders(
-    mut sink: Sink,
-    path: Option<PathBuf>,
-    queue: Receiver<Order>,
-    queued: &AtomicUsize,
-) {
-    for order in queue {
-        queued.fetch_sub(1, Ordering::SeqCst);
-        match order {
-            Order::Write {
-                line,
-                abandoned,
-                reply,
-            } => {
-                // A caller that gave up has answered its client already
-                // (for an acceptance: the job was refused); its record
-                // must not appear after the fact.
-                let result = if abandoned.is_some_and(|a| a.load(Ordering::SeqCst)) {
-                    Err(timed_out())
-                } else {
-                    write_line(&mut sink, line)
-                };
-                reply(result);
-            }
-            Order::Reopen { reply } => {
-                let result = match &path {
-                    Some(path) => open_append(path).map(|file| sink = Sink::File(file)),
-                    None => Ok(()),
-                };
-                reply(result);
-            }
-        }
-    }
-}
-
-fn write_line(sink: &mut Sink, mut line: String) -> io::Result<()> {
-    match sink {
-        Sink::File(file) => {
-            // A failed write must not leave half a line for the next record
-            // to be glued onto: cut a regular file back.
-            let before = file
-                .metadata()
-                .ok()
-                .filter(|m| m.is_file())
-                .map(|m| m.len());
-            let written = file.write_all(line.as_bytes());
-            if written.is_err()
-                && let Some(len) = before
-            {
-                let _ = file.set_len(len);
-            }
-            written
-        }
-        Sink::Stdout => {
-            let mut out = io::stdout().lock();
-            out.write_all(line.as_bytes())?;
-            out.flush()
-        }
-        Sink::Memory(lines) => {
-            line.pop();
-            lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            Ok(())
-        }
-    }
+fn write_in_memory(lines: &Mutex<Vec<String>>, mut line: String) -> io::Result<()> {
+    line.pop();
+    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    Ok(())
 }
 
 /// One record as a JSON line, newline included.
@@ -506,215 +497,5 @@ fn to_line(record: &AuditRecord) -> io::Result<String> {
     Ok(line)
 }
 
-fn open_append(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn caller() -> AuditCaller {
-        AuditCaller {
-            node: "laptop.ts.net".into(),
-            node_id: "n1".into(),
-            ip: Some("100.64.0.2".parse().unwrap()),
-            user: "alice@example.com".into(),
-            tags: vec![],
-        }
-    }
-
-    #[test]
-    fn records_are_json_lines_with_the_event_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
-        let mut rec = AuditRecord::new(AuditEvent::Accepted, caller(), "disk", "usage");
-        rec.job_id = Some("j1".into());
-        rec.args.insert("path".into(), "/var".into());
-        log.record(&rec).unwrap();
-        let mut rec = AuditRecord::new(AuditEvent::Denied, caller(), "disk", "usage");
-        rec.reason = Some("missing capability".into());
-        log.record(&rec).unwrap();
-
-        let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0]["event"], "exec.accepted");
-        assert_eq!(lines[0]["job_id"], "j1");
-        assert_eq!(lines[0]["args"]["path"], "/var");
-        assert_eq!(lines[0]["caller"]["user"], "alice@example.com");
-        assert_eq!(lines[0]["caller"]["ip"], "100.64.0.2");
-        assert!(lines[0].get("reason").is_none());
-        assert_eq!(lines[1]["event"], "exec.denied");
-        assert_eq!(lines[1]["reason"], "missing capability");
-    }
-
-    #[tokio::test]
-    async fn reopen_follows_a_rotated_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
-        log.record(&AuditRecord::new(AuditEvent::Denied, caller(), "a", "b"))
-            .unwrap();
-        std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
-        log.reopen().await.unwrap();
-        log.record(&AuditRecord::new(AuditEvent::Denied, caller(), "c", "d"))
-            .unwrap();
-        let new = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(new.lines().count(), 1);
-        assert!(new.contains(r#""tool":"c""#));
-    }
-
-    #[tokio::test]
-    async fn async_records_reach_the_file_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = Arc::new(AuditLog::open(&path).unwrap());
-        for tool in ["a", "b", "c"] {
-            log.record_async(&AuditRecord::new(AuditEvent::Denied, caller(), tool, "x"))
-                .await
-                .unwrap();
-        }
-        let tools: Vec<String> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tool"].to_string())
-            .collect();
-        assert_eq!(tools, [r#""a""#, r#""b""#, r#""c""#]);
-        let full = Arc::new(AuditLog::open(Path::new("/dev/full")).unwrap());
-        let err = full
-            .record_async(&AuditRecord::new(AuditEvent::Accepted, caller(), "a", "b"))
-            .await
-            .unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
-    }
-
-    /// A log (write timeout 200 ms) into a FIFO whose reader (returned,
-    /// non-blocking) reads nothing until the test does, filled with
-    /// acceptances until one times out: the writer is then stuck on that
-    /// record. Returns how many were written before it.
-    async fn stalled_log(dir: &Path) -> (AuditLog, File, usize) {
-        use std::os::unix::fs::OpenOptionsExt;
-        let fifo = dir.join("fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let reader = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo)
-            .unwrap();
-        let log = AuditLog::open(&fifo)
-            .unwrap()
-            .with_write_timeout(Duration::from_millis(200));
-        let filler = AuditRecord::new(AuditEvent::Accepted, caller(), "filler", "c");
-        for written in 0..5000 {
-            if let Err(err) = log.record_async(&filler).await {
-                assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
-                return (log, reader, written);
-            }
-        }
-        panic!("the pipe never filled up");
-    }
-
-    #[tokio::test]
-    async fn a_stalled_sink_holds_callers_for_the_write_timeout_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let (log, _reader, written) = stalled_log(dir.path()).await;
-        assert!(written > 0);
-        // Later callers are answered too (timed out, or refused at once
-        // when too many wait), never left hanging.
-        let rec = AuditRecord::new(AuditEvent::Accepted, caller(), "t", "c");
-        let err = log.record_async(&rec).await.unwrap_err();
-        assert!(
-            matches!(
-                err.kind(),
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-            ),
-            "{err}"
-        );
-    }
-
-    #[tokio::test]
-    async fn late_records_other_than_acceptances_are_still_written() {
-        use std::io::Read;
-        let dir = tempfile::tempdir().unwrap();
-        let (log, mut reader, _) = stalled_log(dir.path()).await;
-        let record = |event, tool: &str| AuditRecord::new(event, caller(), tool, "c");
-        // Queued behind the stalled write, all three time out; then fill
-        // the queue, which refuses denials but never a finished record.
-        let late = [
-            record(AuditEvent::Accepted, "late-accepted"),
-            record(AuditEvent::Denied, "late-denied"),
-            record(AuditEvent::Finished, "late-finished"),
-        ];
-        for r in &late {
-            let err = log.record_async(r).await.unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
-        }
-        for _ in 0..QUEUE {
-            let _ = log.send(
-                Order::Reopen {
-                    reply: Box::new(|_| {}),
-                },
-                false,
-            );
-        }
-        let full = log
-            .record_async(&record(AuditEvent::Denied, "refused"))
-            .await
-            .unwrap_err();
-        assert_eq!(full.kind(), io::ErrorKind::WouldBlock, "{full}");
-        let err = log
-            .record_async(&record(AuditEvent::Finished, "queued-finished"))
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
-
-        // The sink moves again: read everything.
-        let mut text = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !String::from_utf8_lossy(&text).contains("queued-finished") {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the late records never came"
-            );
-            let mut chunk = [0u8; 65536];
-            match reader.read(&mut chunk) {
-                Ok(n) => text.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let text = String::from_utf8_lossy(&text);
-        assert!(text.contains("late-denied"), "a late denial was dropped");
-        assert!(text.contains("late-finished"), "a late finish was dropped");
-        assert!(
-            !text.contains("late-accepted"),
-            "a refused job's acceptance was written"
-        );
-        assert!(
-            !text.contains("\"refused\""),
-            "a refused record was written"
-        );
-    }
-
-    #[test]
-    fn a_failed_write_is_reported() {
-        let log = AuditLog::open(Path::new("/dev/full")).unwrap();
-        let err = log
-            .record(&AuditRecord::new(AuditEvent::Accepted, caller(), "a", "b"))
-            .unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
-    }
-}
+mod tests;
