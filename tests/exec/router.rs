@@ -103,7 +103,10 @@ async fn health_answers_with_the_hostname() {
     let f = fixture();
     let (s, v) = call(&f, "GET", "/health", "", alice(&[])).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(v, json!({"status": "ok", "hostname": "tailkitd-test"}));
+    assert_eq!(
+        v,
+        json!({"status": "ok", "hostname": "tailkitd-test", "audit": "ok"})
+    );
 }
 
 #[tokio::test]
@@ -543,4 +546,84 @@ async fn unknown_jobs_and_routes_are_404_json() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = call(&f, "PUT", "/tools", "", alice(&[])).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn malformed_hosts_targets_and_codings_are_refused_audited_and_run_nothing() {
+    let f = fixture();
+    let who = || Some(PeerIdentity::known(peer(), alice(&[])));
+    let post = |uri: &str| Request::builder().method("POST").uri(uri);
+    let cases = [
+        // An absolute-form target names the host (RFC 9112 §3.2.2).
+        (
+            post("http://evil.example.com/exec/demo/open").header("host", "tailkitd-test"),
+            StatusCode::MISDIRECTED_REQUEST,
+        ),
+        (
+            post("http://tailkitd-test/exec/demo/open").header("host", "evil.example.com"),
+            StatusCode::MISDIRECTED_REQUEST,
+        ),
+        (
+            post("https://tailkitd-test/exec/demo/open").header("host", "tailkitd-test"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post("http://tailkitd-test:0/exec/demo/open").header("host", "tailkitd-test"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post("/exec/demo/open")
+                .header("host", "tailkitd-test")
+                .header("host", "tailkitd-test"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post("/exec/demo/open").header("host", "tailkitd-test:99999"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post("/exec/demo/open").header("host", "tailkitd-test:0"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post("/exec/demo/open").header("host", "tailkitd-test:"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            request("POST", "/exec/demo/open").header("transfer-encoding", "gzip, chunked"),
+            StatusCode::NOT_IMPLEMENTED,
+        ),
+        (
+            request("POST", "/exec/demo/open")
+                .header("transfer-encoding", "gzip")
+                .header("transfer-encoding", "chunked"),
+            StatusCode::NOT_IMPLEMENTED,
+        ),
+    ];
+    let expected: Vec<u64> = cases.iter().map(|(_, s)| u64::from(s.as_u16())).collect();
+    for (builder, status) in cases {
+        let (s, v, _) = send(&f, builder, "{}", who()).await;
+        assert_eq!(s, status, "{v}");
+        assert!(v["error"].is_string() && v["hint"].is_string(), "{v}");
+    }
+    assert!(f.api.executor().jobs().is_empty(), "no job was created");
+    let denied: Vec<u64> = denials(&f)
+        .iter()
+        .map(|d| d["http_status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(denied, expected, "every refusal was audited");
+    // What stays accepted: this node, with or without a port, plain
+    // chunked bodies, and an absolute-form target naming this node.
+    for builder in [
+        request("GET", "/health").header("transfer-encoding", "Chunked"),
+        Request::builder()
+            .uri("http://tailkitd-test:80/health")
+            .header("host", "tailkitd-test"),
+        Request::builder()
+            .uri("/health")
+            .header("host", "tailkitd-test:65535"),
+    ] {
+        let (s, v, _) = send(&f, builder, "", who()).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
 }
