@@ -19,6 +19,7 @@ mod body;
 mod error;
 mod guard;
 mod stream;
+mod respond;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,9 +38,10 @@ pub use guard::PeerIdentity;
 
 use crate::audit::{AuditCaller, AuditLog, AuditRecord};
 use crate::identity::Identity;
-use crate::run::{Executor, Refusal};
+use crate::run::{Executor, JobView, Refusal};
 use crate::tools::{Command, ExecEntry, Registry};
 use guard::{AllowedHosts, Caller};
+use respond::ResponseBudget;
 
 /// API settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +65,12 @@ pub struct ApiSettings {
     pub stream_heartbeat: Duration,
     /// Live streams one peer may have open at once (16); more get `429`.
     pub max_streams_per_peer: usize,
+    /// Job result bytes that answers may hold in flight at once (256 MiB;
+    /// a result sent by many answers counts once). See [`respond`].
+    pub max_response_bytes_in_flight: usize,
+    /// How long an answer waits for room in that budget before it is
+    /// refused `503` (5 s).
+    pub response_budget_wait: Duration,
 }
 
 impl ApiSettings {
@@ -78,6 +86,8 @@ impl ApiSettings {
             max_wait: Duration::from_secs(60),
             stream_heartbeat: Duration::from_secs(15),
             max_streams_per_peer: 16,
+            max_response_bytes_in_flight: 256 << 20,
+            response_budget_wait: Duration::from_secs(5),
         }
     }
 }
@@ -98,6 +108,8 @@ struct ApiInner {
     hosts: AllowedHosts,
     /// Live streams open, per peer.
     streams: Arc<stream::StreamSlots>,
+    /// Job result bytes held by answers in flight.
+    budget: ResponseBudget,
 }
 
 impl Api {
@@ -111,6 +123,10 @@ impl Api {
     ) -> Self {
         let hosts = AllowedHosts::new(&settings.allowed_hosts);
         let streams = stream::StreamSlots::new(settings.max_streams_per_peer);
+        let budget = ResponseBudget::new(
+            settings.max_response_bytes_in_flight,
+            settings.response_budget_wait,
+        );
         Api {
             inner: Arc::new(ApiInner {
                 registry,
@@ -119,6 +135,7 @@ impl Api {
                 settings,
                 hosts,
                 streams,
+                budget,
             }),
         }
     }
@@ -132,6 +149,18 @@ impl Api {
     /// The executor (and through it the job store).
     pub fn executor(&self) -> &Executor {
         &self.inner.executor
+    }
+
+    /// Bytes of the in-flight answer budget not held now (see
+    /// [`ApiSettings::max_response_bytes_in_flight`]).
+    pub fn response_budget_available(&self) -> usize {
+        self.inner.budget.available()
+    }
+
+    /// An answer carrying job result `view` (shared, charged to the
+    /// budget).
+    async fn job_answer(&self, status: StatusCode, view: &JobView) -> Response {
+        self.inner.budget.answer(status, view).await
     }
 
     /// The routes, with the guards as a layer.
@@ -173,7 +202,7 @@ impl Api {
         let status = err.status.as_u16();
         let record = AuditRecord::denial(caller, target, &err.error, status, BTreeMap::new());
         if let Err(e) = self.inner.audit.record_async(&record).await {
-            tracing::error!(error = %e, "could not write the exec.denied audit record");
+            crate::audit::log_unwritten("exec.denied", &e);
         }
     }
 
@@ -234,7 +263,7 @@ async fn exec_command(
     if let Some(wait) = wait {
         let result = api.inner.executor.wait(id, &caller.identity, wait).await;
         if let Some(result) = result.filter(|r| r.status.is_terminal()) {
-            return Ok(Json(&*result).into_response());
+            return Ok(api.job_answer(StatusCode::OK, &result).await);
         }
     }
     let accepted = serde_json::json!({"job_id": id.to_string(), "status": "accepted"});
@@ -320,10 +349,8 @@ async fn get_job(
         Some(wait) => api.inner.executor.wait(id, &caller.identity, wait).await,
         None => api.inner.executor.get(id, &caller.identity),
     };
-    // Serialized here, outside the store lock, from the shared result.
-    result
-        .map(|r| Json(&*r).into_response())
-        .ok_or_else(ApiError::job_not_found)
+    let result = result.ok_or_else(ApiError::job_not_found)?;
+    Ok(api.job_answer(StatusCode::OK, &result).await)
 }
 
 #[tracing::instrument(skip_all, fields(peer = %caller.peer))]
@@ -333,12 +360,13 @@ async fn delete_job(
     Segments(prefix, id): Segments,
 ) -> Result<Response, ApiError> {
     let id = job_id(&prefix, &id)?;
-    api.inner
+    let result = api
+        .inner
         .executor
         .cancel(id, &caller.identity)
         .await
-        .map(|r| Json(&*r).into_response())
-        .ok_or_else(ApiError::job_not_found)
+        .ok_or_else(ApiError::job_not_found)?;
+    Ok(api.job_answer(StatusCode::OK, &result).await)
 }
 
 async fn list_tools(State(api): State<Api>, Extension(caller): Extension<Caller>) -> Response {
@@ -350,9 +378,27 @@ async fn list_tools(State(api): State<Api>, Extension(caller): Extension<Caller>
     Json(tools).into_response()
 }
 
+/// `{"status": "ok", "hostname": ..., "audit": "ok"}`; while the audit log
+/// cannot be written, `"audit": "failing"` with the error and the records
+/// kept for later (the daemon still answers, so `status` stays `ok`: see
+/// the README's Exec API decisions).
 async fn health(State(api): State<Api>) -> Response {
-    Json(serde_json::json!({"status": "ok", "hostname": api.inner.settings.hostname}))
-        .into_response()
+    let audit = api.inner.audit.status();
+    let mut body = serde_json::json!({
+        "status": "ok",
+        "hostname": api.inner.settings.hostname,
+        "audit": if audit.failing { "failing" } else { "ok" },
+    });
+    if audit.failing {
+        body["audit_error"] = audit.error.unwrap_or_default().into();
+    }
+    if audit.failing || audit.queued > 0 {
+        body["audit_queued"] = audit.queued.into();
+    }
+    if audit.dropped > 0 {
+        body["audit_dropped"] = audit.dropped.into();
+    }
+    Json(body).into_response()
 }
 
 async fn not_found() -> ApiError {

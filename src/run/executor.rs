@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::ExecSettings;
 use super::output::JobOutput;
-use super::result::{JobResult, rfc3339};
+use super::result::{JobResult, JobView, rfc3339};
 use super::runner::{CancelReason, RunEnd, RunOutcome, RunSpec, Runner};
 use super::spawn::FIXED_PATH;
 use super::store::{AdmitError, JobLimits, JobStore};
@@ -196,6 +196,7 @@ impl Executor {
         let inner = self.inner.clone();
         let tool = tool.to_string();
         let command = command.name.clone();
+        let max_output_bytes = spec.max_output_bytes;
         let (answer, answered) = tokio::sync::oneshot::channel::<Result<Uuid, io::Error>>();
         tokio::spawn(async move {
             // Until the job runs, a dropped task (runtime teardown) must not
@@ -219,6 +220,7 @@ impl Executor {
                 id,
                 tool,
                 command,
+                max_output_bytes,
                 record: finished,
                 pending: None,
                 finished: false,
@@ -254,13 +256,13 @@ impl Executor {
             args,
         );
         if let Err(e) = self.inner.audit.record_async(&record).await {
-            tracing::error!(error = %e, "could not write the exec.denied audit record");
+            crate::audit::log_unwritten("exec.denied", &e);
         }
     }
 
     /// Job `id` as it is now, if `caller` owns it (a finished result is
-    /// shared, not copied).
-    pub fn get(&self, id: Uuid, caller: &Identity) -> Option<Arc<JobResult>> {
+    /// shared, not copied or serialized again).
+    pub fn get(&self, id: Uuid, caller: &Identity) -> Option<JobView> {
         self.inner.store.get(id, caller)
     }
 
@@ -271,12 +273,7 @@ impl Executor {
 
     /// Waits up to `wait` for job `id` to be terminal and returns it as it
     /// is then; `None` if it does not exist or `caller` does not own it.
-    pub async fn wait(
-        &self,
-        id: Uuid,
-        caller: &Identity,
-        wait: Duration,
-    ) -> Option<Arc<JobResult>> {
+    pub async fn wait(&self, id: Uuid, caller: &Identity, wait: Duration) -> Option<JobView> {
         self.inner.store.wait(id, caller, wait).await
     }
 
@@ -284,7 +281,7 @@ impl Executor {
     /// (waiting at most the runner's stop limit, plus a second to record
     /// it); a terminal job is returned unchanged. `None` if it does not
     /// exist or `caller` does not own it.
-    pub async fn cancel(&self, id: Uuid, caller: &Identity) -> Option<Arc<JobResult>> {
+    pub async fn cancel(&self, id: Uuid, caller: &Identity) -> Option<JobView> {
         if !self.inner.store.cancel(id, caller, CancelReason::Caller) {
             return None;
         }
@@ -358,6 +355,8 @@ struct RunningJob {
     id: Uuid,
     tool: String,
     command: String,
+    /// The per-stream output cap, counted in the bytes sent.
+    max_output_bytes: usize,
     /// The `exec.finished` record, caller and arguments filled in.
     record: AuditRecord,
     /// The result whose `exec.finished` is being written: if the task is
@@ -393,7 +392,8 @@ impl RunningJob {
     /// The job result and its `exec.finished` record for `outcome`.
     fn conclude(&self, outcome: RunOutcome) -> (JobResult, AuditRecord) {
         let (stdout_bytes, stderr_bytes) = (outcome.stdout.total, outcome.stderr.total);
-        let result = JobResult::from_outcome(self.id, &self.tool, &self.command, outcome);
+        let mut result = JobResult::from_outcome(self.id, &self.tool, &self.command, outcome);
+        result.limit_sent_output(self.max_output_bytes);
         let mut record = self.record.clone();
         record.ts = rfc3339(SystemTime::now());
         record.status = Some(result.status.as_str().to_string());
@@ -407,9 +407,12 @@ impl RunningJob {
     }
 
     /// A lost `exec.finished` is logged: the job has run. A late one (the
-    /// sink stalled) stays queued and is written when the sink moves.
+    /// sink stalled) or one the sink refused (a full disk) stays queued and
+    /// is written when the sink takes records again.
     fn log_lost_record(&self, e: &io::Error) {
-        if e.kind() == io::ErrorKind::TimedOut {
+        if crate::audit::is_queued(e) {
+            tracing::warn!(job_id = %self.id, error = %e, "the exec.finished audit record could not be written yet; it is kept");
+        } else if e.kind() == io::ErrorKind::TimedOut {
             tracing::warn!(job_id = %self.id, "the exec.finished audit record is late; it stays queued");
         } else {
             tracing::error!(job_id = %self.id, error = %e, "could not write the exec.finished audit record");
@@ -424,7 +427,8 @@ impl RunningJob {
             duration_ms = result.duration_ms, "job finished"
         );
         self.finished = true;
-        self.inner.store.finish(self.id, result);
+        // Serialized once, here, outside the store lock.
+        self.inner.store.finish(self.id, JobView::new(&result));
     }
 }
 
@@ -480,11 +484,13 @@ mod tests {
             id: admitted.id,
             tool: "t".into(),
             command: "c".into(),
+            max_output_bytes: 1 << 20,
             record,
             pending: None,
             finished: false,
         });
         let result = executor.jobs().get(admitted.id, &caller).unwrap();
+        let result = result.to_result().unwrap();
         assert_eq!((result.status, result.exit_code), (JobStatus::Failed, -1));
         let lines = audit.lines();
         assert_eq!(lines.len(), 1, "{lines:?}");
@@ -515,6 +521,7 @@ mod tests {
             id: admitted.id,
             tool: "t".into(),
             command: "c".into(),
+            max_output_bytes: 1 << 20,
             record,
             pending: None,
             finished: false,
@@ -525,6 +532,7 @@ mod tests {
         job.pending = Some(result);
         drop(job);
         let result = executor.jobs().get(admitted.id, &caller).unwrap();
+        let result = result.to_result().unwrap();
         assert_eq!((result.status, result.exit_code), (JobStatus::Completed, 0));
         assert!(audit.lines().is_empty(), "Drop wrote a second record");
     }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 pub use executor::{Executor, JobCaller, Refusal};
 pub use output::JobOutput;
-pub use result::{JobResult, JobStatus};
+pub use result::{JobResult, JobStatus, JobView};
 pub use runner::{CancelReason, Runner, RunnerSettings};
 pub use store::JobStore;
 pub use supervisor::CgroupSetting;

@@ -1,9 +1,11 @@
 //! A job as the API shows it: Go's `tailkit.JobResult` plus additive
-//! fields, and how a run's outcome becomes one (SPEC §3's exit-code and
-//! error rules).
+//! fields, how a run's outcome becomes one (SPEC §3's exit-code and error
+//! rules), the output cap counted in the bytes that are sent, and the
+//! [`JobView`]: a result serialized once, shared by every answer.
 
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -128,6 +130,98 @@ impl JobResult {
     }
 }
 
+impl JobResult {
+    /// Cuts stdout and stderr so that each takes at most `max` bytes as it
+    /// is sent, JSON-escaped (a control byte takes six: `\u0001`; an
+    /// invalid UTF-8 sequence three, as U+FFFD), at a character boundary,
+    /// and sets the stream's `*_truncated` flag when it cut. So the
+    /// per-stream cap bounds the answer, not only what was read.
+    pub fn limit_sent_output(&mut self, max: usize) {
+        if cut_to_sent_len(&mut self.stdout, max) {
+            self.stdout_truncated = true;
+        }
+        if cut_to_sent_len(&mut self.stderr, max) {
+            self.stderr_truncated = true;
+        }
+    }
+}
+
+/// How many bytes `byte` takes in a JSON string as serde_json writes it.
+fn sent_len(byte: u8) -> usize {
+    match byte {
+        b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+        0..0x20 => 6,
+        _ => 1,
+    }
+}
+
+/// The JSON-escaped length of `text`, quotes excluded.
+pub fn sent_text_len(text: &str) -> usize {
+    text.bytes().map(sent_len).sum()
+}
+
+/// Cuts `text` to its longest prefix (at a character boundary) whose
+/// JSON-escaped length is at most `max`; returns whether it cut.
+fn cut_to_sent_len(text: &mut String, max: usize) -> bool {
+    // Nothing takes more than six bytes escaped.
+    if text.len().saturating_mul(6) <= max {
+        return false;
+    }
+    let mut sent = 0;
+    for (i, byte) in text.bytes().enumerate() {
+        sent += sent_len(byte);
+        if sent > max {
+            let mut end = i;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            return true;
+        }
+    }
+    false
+}
+
+/// A job as answered: its [`JobResult`] serialized once (for a finished
+/// job, when it finished), so every answer that sends it shares one buffer
+/// instead of serializing, or copying, the output again.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    /// The job's state.
+    pub status: JobStatus,
+    /// The JSON of the job result, as sent.
+    pub json: Bytes,
+    /// stdout + stderr as sent (JSON-escaped): what the result counts
+    /// against the store's output budget.
+    pub output_bytes: usize,
+}
+
+impl JobView {
+    /// Serializes `result`.
+    pub fn new(result: &JobResult) -> JobView {
+        let output_bytes = sent_text_len(&result.stdout) + sent_text_len(&result.stderr);
+        let mut json = Vec::with_capacity(output_bytes + 512);
+        // Serializing plain strings and numbers into a Vec cannot fail.
+        if let Err(e) = serde_json::to_writer(&mut json, result) {
+            tracing::error!(error = %e, "could not serialize a job result");
+        }
+        JobView {
+            status: result.status,
+            json: Bytes::from(json),
+            output_bytes,
+        }
+    }
+
+    /// The job result, parsed back from the JSON.
+    ///
+    /// # Errors
+    ///
+    /// Never for a view made by [`JobView::new`].
+    pub fn to_result(&self) -> serde_json::Result<JobResult> {
+        serde_json::from_slice(&self.json)
+    }
+}
+
 /// `data` as text, without a copy unless it is not valid UTF-8 (then each
 /// bad sequence becomes U+FFFD).
 fn into_text(data: Vec<u8>) -> String {
@@ -186,6 +280,46 @@ mod tests {
             duration: Duration::from_millis(1500),
         }
     }
+    #[test]
+    fn the_sent_length_is_what_serde_json_writes() {
+        let mut all = String::new();
+        for c in (0u32..0x300).filter_map(char::from_u32) {
+            all.push(c);
+            let one = c.to_string();
+            let json = serde_json::to_string(&one).unwrap();
+            assert_eq!(sent_text_len(&one), json.len() - 2, "{c:?}");
+        }
+        assert_eq!(
+            sent_text_len(&all),
+            serde_json::to_string(&all).unwrap().len() - 2
+        );
+    }
+
+    #[test]
+    fn output_is_capped_in_the_bytes_that_are_sent() {
+        let mut r = JobResult::pending(Uuid::nil(), JobStatus::Completed, "t", "c", None, 0);
+        r.stdout = "\u{1}".repeat(1000);
+        r.stderr = "é".repeat(10) + "ab";
+        r.limit_sent_output(100);
+        assert_eq!(r.stdout, "\u{1}".repeat(16), "16 x 6 bytes fit in 100");
+        assert!(r.stdout_truncated);
+        assert_eq!(r.stderr, "é".repeat(10) + "ab", "22 bytes: untouched");
+        assert!(!r.stderr_truncated);
+        r.limit_sent_output(7);
+        assert_eq!(r.stderr, "ééé", "cut at a character boundary");
+        assert!(r.stderr_truncated);
+        let view = JobView::new(&r);
+        assert_eq!(view.output_bytes, 6 + 6);
+        assert_eq!(view.to_result().unwrap(), r);
+        // The answer stays within the caps plus the envelope.
+        let mut big = JobResult::pending(Uuid::nil(), JobStatus::Completed, "t", "c", None, 0);
+        big.stdout = "\u{1}".repeat(1 << 20);
+        big.stderr = "\u{1}".repeat(1 << 20);
+        big.limit_sent_output(1 << 20);
+        let view = JobView::new(&big);
+        assert!(view.json.len() <= (2 << 20) + 512, "{}", view.json.len());
+    }
+
     #[test]
     fn exit_code_and_error_follow_the_spec() {
         let id = Uuid::nil();

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::output::JobOutput;
-use super::result::{JobResult, JobStatus};
+use super::result::{JobResult, JobStatus, JobView};
 use super::runner::CancelReason;
 use crate::identity::{Identity, Owner};
 
@@ -103,8 +103,8 @@ struct Job {
     status: JobStatus,
     /// Set when the process started.
     started: Option<(Instant, SystemTime)>,
-    /// Set once terminal.
-    result: Option<Arc<JobResult>>,
+    /// Set once terminal: the result, serialized once.
+    result: Option<JobView>,
     updates: watch::Sender<JobStatus>,
     cancel: watch::Sender<Option<CancelReason>>,
     /// Its output and events, shared with the runner and live streams.
@@ -113,18 +113,32 @@ struct Job {
     retained: usize,
 }
 
+/// A job as read under the store lock: the stored view of a finished job
+/// (a cheap clone however large the output), or the state of one still
+/// running, serialized once the lock is released.
+enum Snapshot {
+    Done(JobView),
+    Pending(JobResult),
+}
+
+impl Snapshot {
+    fn into_view(self) -> JobView {
+        match self {
+            Snapshot::Done(view) => view,
+            Snapshot::Pending(result) => JobView::new(&result),
+        }
+    }
+}
+
 impl Job {
-    /// The job as the API shows it: the stored result itself once terminal
-    /// (an `Arc` clone, cheap under the store lock however large the
-    /// output), else a small snapshot of its state.
-    fn view(&self, id: Uuid) -> Arc<JobResult> {
-        if let Some(result) = &self.result {
-            return Arc::clone(result);
+    fn snapshot(&self, id: Uuid) -> Snapshot {
+        if let Some(view) = &self.result {
+            return Snapshot::Done(view.clone());
         }
         let duration_ms = self
             .started
             .map_or(0, |(at, _)| at.elapsed().as_millis() as u64);
-        Arc::new(JobResult::pending(
+        Snapshot::Pending(JobResult::pending(
             id,
             self.status,
             &self.tool,
@@ -242,10 +256,11 @@ impl JobStore {
         }
     }
 
-    /// Stores the terminal `result`, frees the job's slot, wakes its waiters
-    /// and starts its TTL; evicts the oldest finished results past the count
-    /// cap or the output budget (never this one for the budget).
-    pub fn finish(&self, id: Uuid, result: JobResult) {
+    /// Stores the terminal `result` (serialized by the caller, outside the
+    /// lock), frees the job's slot, wakes its waiters and starts its TTL;
+    /// evicts the oldest finished results past the count cap or the output
+    /// budget (never this one for the budget).
+    pub fn finish(&self, id: Uuid, result: JobView) {
         let status = result.status;
         debug_assert!(status.is_terminal());
         let mut state = self.shared.lock();
@@ -286,21 +301,20 @@ impl JobStore {
     }
 
     /// The job `id` if `caller` owns it. A finished result is shared, not
-    /// copied: serialize it after this returns, outside the store lock.
-    pub fn get(&self, id: Uuid, caller: &Identity) -> Option<Arc<JobResult>> {
-        let state = self.shared.lock();
-        let job = state.jobs.get(&id).filter(|j| caller.owns(&j.owner))?;
-        Some(job.view(id))
+    /// copied or serialized again; a running job's state is serialized
+    /// after the store lock is released.
+    pub fn get(&self, id: Uuid, caller: &Identity) -> Option<JobView> {
+        let snapshot = {
+            let state = self.shared.lock();
+            let job = state.jobs.get(&id).filter(|j| caller.owns(&j.owner))?;
+            job.snapshot(id)
+        };
+        Some(snapshot.into_view())
     }
 
     /// Waits up to `wait` for the job to be terminal and returns it as it is
     /// then; `None` if it does not exist or `caller` does not own it.
-    pub async fn wait(
-        &self,
-        id: Uuid,
-        caller: &Identity,
-        wait: Duration,
-    ) -> Option<Arc<JobResult>> {
+    pub async fn wait(&self, id: Uuid, caller: &Identity, wait: Duration) -> Option<JobView> {
         let mut updates = {
             let state = self.shared.lock();
             let job = state.jobs.get(&id).filter(|j| caller.owns(&j.owner))?;
@@ -379,26 +393,26 @@ impl Drop for JobStore {
 }
 
 /// What a result counts against [`JobLimits::max_retained_output_bytes`]:
-/// its output as stored (its job's event index is added to it).
-fn output_bytes(result: &JobResult) -> usize {
-    result.stdout.len() + result.stderr.len()
+/// its output as sent (JSON-escaped; its job's event index is added to it).
+fn output_bytes(result: &JobView) -> usize {
+    result.output_bytes
 }
 
 impl State {
     /// Stores `result` as job `id`'s and lists it as the newest finished
     /// result, expiring at `expires`.
-    fn push_finished(&mut self, id: Uuid, result: JobResult, expires: Instant) {
+    fn push_finished(&mut self, id: Uuid, result: JobView, expires: Instant) {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
         // Only `finish` calls this, once per job (it returns early for a
         // terminal one).
         debug_assert!(job.result.is_none());
-        let result = Arc::new(result);
-        // Live streams read the stored result's output: it is the buffer
-        // they followed, moved, not a copy. Sealed first: the budget counts
-        // the job's event index too, complete only then.
-        job.output.seal(Arc::clone(&result));
+        // Live streams read the sealed result's output. Sealed first: the
+        // budget counts the job's event index too, complete only then.
+        if let Ok(parsed) = result.to_result() {
+            job.output.seal(Arc::new(parsed));
+        }
         job.retained = output_bytes(&result) + job.output.index_bytes();
         self.output_bytes += job.retained;
         job.result = Some(result);
@@ -495,7 +509,7 @@ mod tests {
         let recount: usize = state
             .jobs
             .values()
-            .filter_map(|j| Some(output_bytes(j.result.as_deref()?) + j.output.index_bytes()))
+            .filter_map(|j| Some(output_bytes(j.result.as_ref()?) + j.output.index_bytes()))
             .sum();
         assert_eq!(state.output_bytes, recount, "accounting drifted");
         state.output_bytes
@@ -505,10 +519,10 @@ mod tests {
     /// streams.
     fn finish_with_output(store: &JobStore, bytes: usize) -> Uuid {
         let j = store.admit(alice().owner(), "t", "c").unwrap();
-        let mut result = done(j.id, JobStatus::Completed);
+        let mut result = done_result(j.id, JobStatus::Completed);
         result.stdout = "o".repeat(bytes / 2);
         result.stderr = "e".repeat(bytes - bytes / 2);
-        store.finish(j.id, result);
+        store.finish(j.id, JobView::new(&result));
         j.id
     }
 
@@ -534,11 +548,20 @@ mod tests {
         }
     }
 
-    fn done(id: Uuid, status: JobStatus) -> JobResult {
+    fn done_result(id: Uuid, status: JobStatus) -> JobResult {
         JobResult {
             stdout: "out".into(),
             ..JobResult::pending(id, status, "t", "c", None, 1)
         }
+    }
+
+    fn done(id: Uuid, status: JobStatus) -> JobView {
+        JobView::new(&done_result(id, status))
+    }
+
+    /// The result of job `id` as alice reads it, parsed.
+    fn read(store: &JobStore, id: Uuid) -> JobResult {
+        store.get(id, &alice()).unwrap().to_result().unwrap()
     }
 
     #[tokio::test]
@@ -555,11 +578,11 @@ mod tests {
             JobStatus::Accepted
         );
         store.set_running(a.id, SystemTime::now());
-        let running = store.get(a.id, &alice()).unwrap();
+        let running = read(&store, a.id);
         assert_eq!(running.status, JobStatus::Running);
         assert!(running.started_at.is_some() && running.finished_at.is_none());
         store.finish(a.id, done(a.id, JobStatus::Completed));
-        assert_eq!(store.get(a.id, &alice()).unwrap().stdout, "out");
+        assert_eq!(read(&store, a.id).stdout, "out");
         assert_eq!(store.active(), 1);
         store.admit(alice().owner(), "t", "c").unwrap();
         store.abandon(b.id);
@@ -573,7 +596,7 @@ mod tests {
         let a = store.admit(alice().owner(), "t", "c").unwrap();
         store.finish(a.id, done(a.id, JobStatus::Completed));
         store.abandon(a.id);
-        assert_eq!(store.get(a.id, &alice()).unwrap().stdout, "out");
+        assert_eq!(read(&store, a.id).stdout, "out");
         assert_eq!(store.active(), 0);
     }
 
@@ -680,7 +703,7 @@ mod tests {
         let small = finish_with_output(&store, 30);
         let big = finish_with_output(&store, 500);
         assert!(store.get(small, &alice()).is_none());
-        let r = store.get(big, &alice()).unwrap();
+        let r = read(&store, big);
         assert_eq!(r.stdout.len() + r.stderr.len(), 500);
         assert_eq!(output_bytes_held(&store), 500);
         let next = finish_with_output(&store, 10);
@@ -740,11 +763,13 @@ mod tests {
         let first = store.get(id, &alice()).unwrap();
         let second = store.get(id, &alice()).unwrap();
         let waited = store.wait(id, &alice(), Duration::ZERO).await.unwrap();
-        // One output buffer however many readers: a GET costs no copy of
-        // the (up to 2 MiB) output under the store lock.
-        assert_eq!(first.stdout.as_ptr(), second.stdout.as_ptr());
-        assert_eq!(first.stderr.as_ptr(), waited.stderr.as_ptr());
-        assert_eq!(first.stdout.len() + first.stderr.len(), 1 << 20);
+        // One buffer however many readers: a GET costs no copy of the (up
+        // to 2 MiB) output, and no serialization, under the store lock or
+        // after it.
+        assert_eq!(first.json.as_ptr(), second.json.as_ptr());
+        assert_eq!(first.json.as_ptr(), waited.json.as_ptr());
+        let r = first.to_result().unwrap();
+        assert_eq!(r.stdout.len() + r.stderr.len(), 1 << 20);
         assert_eq!(output_bytes_held(&store), 1 << 20, "counted once");
     }
 
@@ -762,11 +787,12 @@ mod tests {
         let result = JobResult {
             stdout: String::from_utf8(stdout.data).unwrap(),
             stderr: String::from_utf8(stderr.data).unwrap(),
-            ..done(j.id, JobStatus::Completed)
+            ..done_result(j.id, JobStatus::Completed)
         };
-        store.finish(j.id, result);
+        store.finish(j.id, JobView::new(&result));
         assert_eq!(j.output.index_bytes(), 200 * INDEX_ENTRY_BYTES);
-        assert_eq!(output_bytes_held(&store), 400 + 200 * INDEX_ENTRY_BYTES);
+        // 600 bytes sent ("\n" is escaped in two), and the index.
+        assert_eq!(output_bytes_held(&store), 600 + 200 * INDEX_ENTRY_BYTES);
         assert!(j.output.is_sealed(), "finish seals the output");
     }
 
