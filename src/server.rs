@@ -9,6 +9,20 @@
 //! address), failed accepts back off, and shutdown is one
 //! [`CancellationToken`] every connection watches, with a [`TaskTracker`]
 //! to wait for them.
+//!
+//! What one connection may hold is bounded: hyper serves one request at a
+//! time, buffers at most [`MAX_BUF_BYTES`] of what the peer sent ahead
+//! (pipelined requests included: past that it stops reading, and the
+//! peer's writes wait in TCP), and writes a response from its body's own
+//! buffer (`writev`; a job result is one buffer shared by every answer,
+//! see [`crate::api`]) without copying it, writing the next response only
+//! once the last one was flushed. Deadlines ([`deadlines`]) close a
+//! connection whose request head is slow, which stays idle too long, or
+//! whose peer stops reading a response.
+
+mod deadlines;
+
+pub use deadlines::Timeouts;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -44,9 +58,28 @@ const MAX_REFUSALS: usize = 64;
 const REFUSAL_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long open connections get to finish after the server stops.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a client may take to send a request's headers (also the idle
-/// time allowed between requests on a kept-alive connection).
+/// How long a client may take to send a request's head, from its first
+/// byte (from the accept, for a connection's first request).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a kept-alive connection may stay silent between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long a response may make no progress (the peer reads nothing)
+/// before the connection is closed.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// What hyper buffers of a connection's input at most (a request head, and
+/// whatever the peer pipelined behind it), and of its output besides the
+/// response bodies themselves: 64 KiB. A request head must fit.
+pub const MAX_BUF_BYTES: usize = 64 << 10;
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header: HEADER_READ_TIMEOUT,
+            idle: IDLE_TIMEOUT,
+            write_stall: WRITE_STALL_TIMEOUT,
+        }
+    }
+}
 
 /// Resolves the identity of the peer at a connection's remote address; it
 /// is called for every request.
@@ -92,12 +125,14 @@ pub fn identity_of(who: tsnet_bridge::WhoIs) -> Identity {
 
 /// Serves HTTP/1.1 on one accepted connection from `peer`: resolves the
 /// identity for every request and hands it to `router`; closes connections
-/// whose headers do not arrive within [`HEADER_READ_TIMEOUT`]; when
-/// `shutdown` is cancelled, finishes the request in flight and closes.
+/// whose request head does not arrive within [`HEADER_READ_TIMEOUT`], that
+/// stay idle for [`IDLE_TIMEOUT`], or whose peer reads nothing of a
+/// response for [`WRITE_STALL_TIMEOUT`]; when `shutdown` is cancelled,
+/// finishes the request in flight and closes.
 ///
 /// # Errors
 ///
-/// The connection's I/O or protocol error (a header timeout included).
+/// The connection's I/O or protocol error (a timeout included).
 pub async fn serve_connection<IO>(
     io: IO,
     peer: SocketAddr,
@@ -108,11 +143,34 @@ pub async fn serve_connection<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    serve_connection_with(io, peer, resolver, router, shutdown, Timeouts::default()).await
+}
+
+/// [`serve_connection`] with other [`Timeouts`].
+///
+/// # Errors
+///
+/// As [`serve_connection`].
+pub async fn serve_connection_with<IO>(
+    io: IO,
+    peer: SocketAddr,
+    resolver: Arc<dyn IdentityResolver>,
+    router: Router,
+    shutdown: CancellationToken,
+    timeouts: Timeouts,
+) -> Result<(), hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let requests = Arc::new(deadlines::Requests::default());
+    let io = deadlines::Deadlines::new(io, timeouts, requests.clone());
     let service =
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let resolver = resolver.clone();
             let router = router.clone();
+            let finished = requests.start();
             async move {
+                let _finished = finished;
                 let identity = resolver.resolve(peer).await.map(Arc::new);
                 let mut request = request.map(Body::new);
                 request
@@ -122,7 +180,8 @@ where
             }
         });
     let connection = http1()
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // The header and idle deadlines are the I/O's (see `deadlines`).
+        .header_read_timeout(None)
         .keep_alive(true)
         .serve_connection(hyper_util::rt::TokioIo::new(io), service);
     tokio::pin!(connection);
@@ -135,10 +194,17 @@ where
     }
 }
 
-/// The HTTP/1.1 server settings every connection shares.
+/// The HTTP/1.1 server settings every connection shares: at most
+/// [`MAX_BUF_BYTES`] buffered, response bodies written from their own
+/// buffers (`writev`: hyper queues them instead of copying them into its
+/// write buffer, and writes the next response's head only once the queue
+/// is flushed).
 fn http1() -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(hyper_util::rt::TokioTimer::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_buf_size(MAX_BUF_BYTES)
+        .writev(true);
     builder
 }
 

@@ -147,3 +147,199 @@ async fn connections_close_gracefully_on_shutdown() {
         .expect("the idle connection closed");
     assert!(served.unwrap().is_ok());
 }
+
+/// Reads from `client` until `marker` has been seen `count` times (or the
+/// stream ends); returns what it read.
+async fn read_until(client: &mut tokio::io::DuplexStream, marker: &str, count: usize) -> String {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while String::from_utf8_lossy(&out).matches(marker).count() < count {
+        let n = client.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the server closed `client` (it reads the end of the stream,
+/// or an error, within the hang guard).
+async fn closed(client: &mut tokio::io::DuplexStream) -> bool {
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(600), client.read_to_end(&mut rest))
+        .await
+        .is_ok()
+}
+
+#[tokio::test(start_paused = true)]
+async fn kept_alive_connections_outlive_a_minute_of_silence_but_not_the_idle_timeout() {
+    let d = Stack::command(json!(["/bin/echo", "hi"]), json!([]), settings());
+    let peer: SocketAddr = "100.64.0.7:40000".parse().unwrap();
+    let resolver: Arc<dyn IdentityResolver> =
+        Arc::new(ByIp(BTreeMap::from([(peer.ip(), alice())])));
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    tokio::spawn(serve_connection(
+        server,
+        peer,
+        resolver.clone(),
+        d.api.router(),
+        CancellationToken::new(),
+    ));
+    let health = format!("GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    client.write_all(health.as_bytes()).await.unwrap();
+    assert!(
+        read_until(&mut client, "\"ok\"", 2)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    // A minute of silence (paused time: it passes at once) ...
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    // ... and the same connection answers again.
+    client.write_all(health.as_bytes()).await.unwrap();
+    let again = read_until(&mut client, "\"ok\"", 2).await;
+    assert!(
+        again.starts_with("HTTP/1.1 200"),
+        "closed after 70 s idle: {again:?}"
+    );
+
+    // The head of a request still has 10 s from its first byte.
+    client.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    let started = tokio::time::Instant::now();
+    assert!(closed(&mut client).await, "a stalled head was not cut off");
+    let took = started.elapsed();
+    assert!(
+        took >= HEADER_READ_TIMEOUT && took < IDLE_TIMEOUT,
+        "a stalled head was closed after {took:?}"
+    );
+
+    // A connection idle for longer than the idle timeout is closed.
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    tokio::spawn(serve_connection(
+        server,
+        peer,
+        resolver,
+        d.api.router(),
+        CancellationToken::new(),
+    ));
+    client.write_all(health.as_bytes()).await.unwrap();
+    read_until(&mut client, "\"ok\"", 2).await;
+    let started = tokio::time::Instant::now();
+    assert!(
+        closed(&mut client).await,
+        "an idle connection was never closed"
+    );
+    assert!(started.elapsed() >= IDLE_TIMEOUT, "{:?}", started.elapsed());
+}
+
+/// Resolves like [`ByIp`] and counts the requests it was asked about.
+struct Counting(ByIp, Arc<std::sync::atomic::AtomicUsize>);
+
+impl IdentityResolver for Counting {
+    fn resolve(
+        &self,
+        peer: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Identity, String>> + Send + '_>>
+    {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.resolve(peer)
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_pipelines_and_never_reads_costs_one_response_and_is_dropped() {
+    let d = Stack::command(
+        json!(["/bin/sh", "-c", "head -c 1048576 /dev/zero | tr '\\0' a"]),
+        json!([]),
+        settings(),
+    );
+    let id = d.run("").await["job_id"].as_str().unwrap().to_string();
+    let budget = d.api.response_budget_available();
+    // From here on, time passes only while everything waits.
+    tokio::time::pause();
+    let peer: SocketAddr = "100.64.0.7:40000".parse().unwrap();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let resolver: Arc<dyn IdentityResolver> = Arc::new(Counting(
+        ByIp(BTreeMap::from([(peer.ip(), alice())])),
+        served.clone(),
+    ));
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    let conn = tokio::spawn(serve_connection(
+        server,
+        peer,
+        resolver,
+        d.api.router(),
+        CancellationToken::new(),
+    ));
+    // 2 000 GETs of a 1 MiB result in one write, never read: written from
+    // a task of its own, as the server takes what it reads.
+    let get = format!("GET /exec/jobs/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").repeat(2000);
+    let writer = tokio::spawn(async move {
+        let _ = client.write_all(get.as_bytes()).await;
+        client
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(600), conn).await;
+    let result = ended.expect("a peer that never reads was never dropped");
+    assert!(result.unwrap().is_err(), "ended by the write stall timeout");
+    let served = served.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        served <= 2,
+        "{served} responses were built for a peer that reads none"
+    );
+    writer.abort();
+    assert_eq!(
+        d.api.response_budget_available(),
+        budget,
+        "the dropped connection gave its response back"
+    );
+}
+
+#[tokio::test]
+async fn strict_http_refusals_reach_the_caller_through_hyper() {
+    let d = Stack::command(json!(["/bin/echo", "hi"]), json!([]), settings());
+    let addr = serve(
+        &d,
+        ByIp(BTreeMap::from([("127.0.0.1".parse().unwrap(), alice())])),
+    )
+    .await;
+    for (request, status) in [
+        (
+            format!(
+                "POST http://evil.example.com/exec/t/c HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            ),
+            "421",
+        ),
+        (
+            format!(
+                "POST /exec/t/c HTTP/1.1\r\nHost: {HOST}\r\nHost: {HOST}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            ),
+            "400",
+        ),
+        (
+            format!(
+                "POST /exec/t/c HTTP/1.1\r\nHost: {HOST}:99999\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            ),
+            "400",
+        ),
+        (
+            format!(
+                "POST /exec/t/c HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
+            ),
+            "501",
+        ),
+    ] {
+        let out = http(addr, &request).await;
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status}")),
+            "{request:?}: {out}"
+        );
+        assert!(out.contains("\"error\""), "{out}");
+    }
+    assert!(d.api.executor().jobs().is_empty(), "nothing ran");
+    let statuses: Vec<u64> = d
+        .denials()
+        .iter()
+        .map(|r| r["http_status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [421, 400, 400, 501]);
+}

@@ -1,0 +1,272 @@
+//! The deadlines of one connection, enforced on its I/O (hyper's own header
+//! timeout also runs while a kept-alive connection is idle, and hyper has
+//! no write timeout):
+//!
+//! - a request's head must arrive within [`Timeouts::header`] of its first
+//!   byte (of the accept, for a connection's first request);
+//! - a kept-alive connection may stay silent between requests for
+//!   [`Timeouts::idle`];
+//! - a write that makes no progress for [`Timeouts::write_stall`] (a peer
+//!   that does not read what it asked for) fails, and the connection
+//!   closes with everything it held.
+//!
+//! While a request is being served (from its head to its response) there
+//! is no read deadline: the API bounds the body itself (`408`), and a
+//! `?wait=` may take a minute. Write progress keeps the read deadlines
+//! from firing while the tail of a response is still being flushed.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The three limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the first byte of a request (or the accept) to the end of its
+    /// head.
+    pub header: Duration,
+    /// Silence allowed between two requests on a kept-alive connection.
+    pub idle: Duration,
+    /// How long a blocked write may make no progress.
+    pub write_stall: Duration,
+}
+
+/// Requests started and finished on one connection, counted by the
+/// service and read by the I/O: a request is in progress while more were
+/// started than finished.
+#[derive(Debug, Default)]
+pub(super) struct Requests {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+impl Requests {
+    /// A request's head was parsed and handed to the service; the returned
+    /// guard counts it finished when dropped (its response was produced,
+    /// or the service call was dropped with the connection).
+    pub(super) fn start(self: &Arc<Self>) -> Finished {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        Finished(self.clone())
+    }
+
+    fn in_progress(&self) -> bool {
+        self.started.load(Ordering::Relaxed) != self.finished.load(Ordering::Relaxed)
+    }
+
+    fn finished(&self) -> u64 {
+        self.finished.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request finished when dropped.
+pub(super) struct Finished(Arc<Requests>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the read side is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// The rest of a request head.
+    Head,
+    /// The first byte of the next request.
+    NextRequest,
+}
+
+/// A connection's I/O with its deadlines.
+pub(super) struct Deadlines<IO> {
+    io: IO,
+    timeouts: Timeouts,
+    requests: Arc<Requests>,
+    /// `requests.finished()` when the read side last looked.
+    seen_finished: u64,
+    waiting: Waiting,
+    /// When the read side's wait ends (before write progress extends it).
+    read_deadline: Instant,
+    read_timer: Pin<Box<Sleep>>,
+    /// When a write last made progress.
+    last_write: Option<Instant>,
+    /// When the blocked write gives up; `None` while writes go through.
+    stall_deadline: Option<Instant>,
+    stall_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<IO> Deadlines<IO> {
+    /// `io`, just accepted, awaiting its first request head.
+    pub(super) fn new(io: IO, timeouts: Timeouts, requests: Arc<Requests>) -> Self {
+        let read_deadline = Instant::now() + timeouts.header;
+        Deadlines {
+            io,
+            timeouts,
+            requests,
+            seen_finished: 0,
+            waiting: Waiting::Head,
+            read_deadline,
+            read_timer: Box::pin(tokio::time::sleep_until(read_deadline)),
+            last_write: None,
+            stall_deadline: None,
+            stall_timer: None,
+        }
+    }
+
+    fn limit(&self, waiting: Waiting) -> Duration {
+        match waiting {
+            Waiting::Head => self.timeouts.header,
+            Waiting::NextRequest => self.timeouts.idle,
+        }
+    }
+
+    /// Whether the connection awaits a request (none is in progress);
+    /// notes a response finished since the last look (the connection is
+    /// kept alive, idle until the next request's first byte).
+    fn awaiting_request(&mut self) -> bool {
+        if self.requests.in_progress() {
+            return false;
+        }
+        let finished = self.requests.finished();
+        if finished != self.seen_finished {
+            self.seen_finished = finished;
+            self.wait_for(Waiting::NextRequest);
+        }
+        true
+    }
+
+    fn wait_for(&mut self, waiting: Waiting) {
+        self.waiting = waiting;
+        self.read_deadline = Instant::now() + self.limit(waiting);
+    }
+
+    /// Polls the read deadline (extended by recent write progress); the
+    /// error once it passed.
+    fn poll_read_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let mut deadline = self.read_deadline;
+        if let Some(at) = self.last_write {
+            deadline = deadline.max(at + self.limit(self.waiting));
+        }
+        if self.read_timer.deadline() != deadline {
+            self.read_timer.as_mut().reset(deadline);
+        }
+        std::task::ready!(self.read_timer.as_mut().poll(cx));
+        let (what, limit) = match self.waiting {
+            Waiting::Head => ("a request head", self.timeouts.header),
+            Waiting::NextRequest => ("the next request", self.timeouts.idle),
+        };
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{what} did not arrive within {limit:?}"),
+        ))
+    }
+
+    /// Notes write progress, or starts (and polls) the stall deadline of
+    /// a blocked write.
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match result {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.stall_deadline = None;
+                    self.last_write = Some(Instant::now());
+                    if self.awaiting_request() {
+                        // The tail of a response: hyper, idle once it is
+                        // written, may not read again until the peer sends
+                        // something, so the read deadline's timer must be
+                        // registered from here to wake the connection.
+                        let _ = self.poll_read_deadline(cx);
+                    }
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                let deadline = *self
+                    .stall_deadline
+                    .get_or_insert_with(|| Instant::now() + self.timeouts.write_stall);
+                let timer = self
+                    .stall_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                std::task::ready!(timer.as_mut().poll(cx));
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the peer read nothing for {:?} of a response",
+                        self.timeouts.write_stall
+                    ),
+                )))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.io).poll_read(cx, buf);
+        if !this.awaiting_request() {
+            return result;
+        }
+        match result {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && this.waiting == Waiting::NextRequest {
+                    this.wait_for(Waiting::Head);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.poll_read_deadline(cx).map(Err),
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Deadlines<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.after_write(cx, result)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.after_write(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
