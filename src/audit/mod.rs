@@ -374,6 +374,7 @@ impl AuditLog {
             if let Some(flag) = abandoned {
                 flag.store(true, Ordering::SeqCst);
             }
+            self.stalled();
             Err(timed_out())
         })
     }
@@ -408,9 +409,26 @@ impl AuditLog {
                 if let Some(flag) = abandoned {
                     flag.store(true, Ordering::SeqCst);
                 }
+                self.stalled();
                 Err(timed_out())
             }
         }
+    }
+
+    /// A caller gave up waiting: the sink is stalled (a stdout nobody
+    /// drains, a hung file system), which `/health` reports as failing
+    /// until the writer gets a record through.
+    fn stalled(&self) {
+        if !self.health.failing.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                timeout = ?self.write_timeout,
+                "the audit log takes no records: its sink is stalled; new jobs are refused"
+            );
+        }
+        *self.health.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+            "the audit log took no record within {:?}",
+            self.write_timeout
+        ));
     }
 
     /// Queues `line`, the text of `record`: bounded by [`QUEUE`] unless it

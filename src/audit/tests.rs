@@ -127,6 +127,9 @@ async fn a_stalled_sink_holds_callers_for_the_write_timeout_only() {
         ),
         "{err}"
     );
+    let status = log.status();
+    assert!(status.failing, "a stalled sink is reported");
+    assert!(status.error.unwrap().contains("took no record"));
 }
 
 #[tokio::test]
@@ -193,6 +196,10 @@ async fn late_records_other_than_acceptances_are_still_written() {
         !text.contains("\"refused\""),
         "a refused record was written"
     );
+    eventually("the log to be reported working again", || {
+        !log.status().failing
+    })
+    .await;
 }
 
 #[test]

@@ -146,24 +146,35 @@ impl<IO> Deadlines<IO> {
     }
 
     /// Polls the read deadline (extended by recent write progress); the
-    /// error once it passed.
+    /// error once it passed. The timer is moved only when it would fire
+    /// too late: one that fires early (the deadline moved on since) is
+    /// set again then, so that writes cost no timer update each.
     fn poll_read_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         let mut deadline = self.read_deadline;
         if let Some(at) = self.last_write {
             deadline = deadline.max(at + self.limit(self.waiting));
         }
-        if self.read_timer.deadline() != deadline {
+        if deadline < self.read_timer.deadline() || self.read_timer.is_elapsed() {
             self.read_timer.as_mut().reset(deadline);
         }
-        std::task::ready!(self.read_timer.as_mut().poll(cx));
+        while self.read_timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Poll::Ready(self.read_timed_out());
+            }
+            self.read_timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+
+    fn read_timed_out(&self) -> io::Error {
         let (what, limit) = match self.waiting {
             Waiting::Head => ("a request head", self.timeouts.header),
             Waiting::NextRequest => ("the next request", self.timeouts.idle),
         };
-        Poll::Ready(io::Error::new(
+        io::Error::new(
             io::ErrorKind::TimedOut,
             format!("{what} did not arrive within {limit:?}"),
-        ))
+        )
     }
 
     /// Notes write progress, or starts (and polls) the stall deadline of
