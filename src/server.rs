@@ -36,7 +36,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::response::IntoResponse;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -143,10 +143,30 @@ pub async fn serve_connection<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    serve_connection_with(io, peer, resolver, router, shutdown, Timeouts::default()).await
+    serve_connection_with(
+        io,
+        peer,
+        resolver,
+        router,
+        shutdown,
+        ConnectionOptions::default(),
+    )
+    .await
 }
 
-/// [`serve_connection`] with other [`Timeouts`].
+/// How a connection is served besides its router: its [`Timeouts`], and
+/// the signal that closes it while it is idle between requests.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionOptions {
+    /// The connection's deadlines.
+    pub timeouts: Timeouts,
+    /// Notified (`notify_one`) when every connection slot is taken: the
+    /// longest-waiting connection that is idle between requests (nothing
+    /// left to write) closes, to make room.
+    pub evict_idle: Option<Arc<Notify>>,
+}
+
+/// [`serve_connection`] with other [`ConnectionOptions`].
 ///
 /// # Errors
 ///
@@ -157,26 +177,29 @@ pub async fn serve_connection_with<IO>(
     resolver: Arc<dyn IdentityResolver>,
     router: Router,
     shutdown: CancellationToken,
-    timeouts: Timeouts,
+    options: ConnectionOptions,
 ) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let requests = Arc::new(deadlines::Requests::default());
-    let io = deadlines::Deadlines::new(io, timeouts, requests.clone());
+    let io = deadlines::Deadlines::new(io, options, requests.clone());
     let service =
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let resolver = resolver.clone();
             let router = router.clone();
             let finished = requests.start();
             async move {
-                let _finished = finished;
                 let identity = resolver.resolve(peer).await.map(Arc::new);
                 let mut request = request.map(Body::new);
                 request
                     .extensions_mut()
                     .insert(PeerIdentity { peer, identity });
-                router.oneshot(request).await
+                let response = router.oneshot(request).await?;
+                // The request ends with its response body, not before.
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| deadlines::Tracked::new(body, finished)),
+                )
             }
         });
     let connection = http1()
@@ -283,6 +306,8 @@ pub struct Listener {
     slots: Arc<Semaphore>,
     /// Permits for the over-limit connections being answered `429`.
     refusals: Arc<Semaphore>,
+    /// Closes one idle kept-alive connection when every slot is taken.
+    evict_idle: Arc<Notify>,
     peers: Arc<PeerCounts>,
     /// Every connection's task, to wait for at shutdown.
     connections: TaskTracker,
@@ -308,6 +333,7 @@ impl Listener {
             router,
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+            evict_idle: Arc::new(Notify::new()),
             peers: Arc::new(PeerCounts::default()),
             connections: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -356,8 +382,19 @@ impl Listener {
     async fn accept_loop(&self) -> io::Result<()> {
         let mut backoff = Duration::from_millis(50);
         loop {
-            let Ok(slot) = self.slots.clone().acquire_owned().await else {
-                return Ok(());
+            let slot = match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    // Every slot is taken: a connection idle between
+                    // requests gives its slot up (or the next to fall
+                    // idle does), rather than new peers waiting for the
+                    // idle timeout.
+                    self.evict_idle.notify_one();
+                    let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                        return Ok(());
+                    };
+                    slot
+                }
             };
             match self.listener.accept().await {
                 Ok((stream, peer)) => {
@@ -397,10 +434,14 @@ impl Listener {
         let resolver = self.resolver.clone();
         let router = self.router.clone();
         let shutdown = self.shutdown.clone();
+        let options = ConnectionOptions {
+            timeouts: Timeouts::default(),
+            evict_idle: Some(self.evict_idle.clone()),
+        };
         self.connections.spawn(async move {
             let _slots = (slot, peer_slot);
             tokio::select! {
-                result = serve_connection(stream, peer, resolver, router, shutdown) => {
+                result = serve_connection_with(stream, peer, resolver, router, shutdown, options) => {
                     if let Err(e) = result {
                         debug!(%peer, error = %e, "connection ended with an error");
                     }

@@ -8,12 +8,15 @@
 //!   [`Timeouts::idle`];
 //! - a write that makes no progress for [`Timeouts::write_stall`] (a peer
 //!   that does not read what it asked for) fails, and the connection
-//!   closes with everything it held.
+//!   closes with everything it held;
+//! - a connection idle between requests, with nothing left to write,
+//!   closes when the server needs its slot ([`ConnectionOptions::evict_idle`]).
 //!
-//! While a request is being served (from its head to its response) there
-//! is no read deadline: the API bounds the body itself (`408`), and a
-//! `?wait=` may take a minute. Write progress keeps the read deadlines
-//! from firing while the tail of a response is still being flushed.
+//! While a request is being served (from its head to the end of its
+//! response body, [`Tracked`]) there is no read deadline: the API bounds
+//! the body itself (`408`), and a `?wait=` may take a minute. Write
+//! progress keeps the read deadlines from firing while the tail of a
+//! response is still being flushed.
 
 use std::io;
 use std::pin::Pin;
@@ -22,8 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
+
+use super::ConnectionOptions;
 
 /// The three limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +55,8 @@ pub(super) struct Requests {
 
 impl Requests {
     /// A request's head was parsed and handed to the service; the returned
-    /// guard counts it finished when dropped (its response was produced,
-    /// or the service call was dropped with the connection).
+    /// guard counts it finished when dropped (with its response body, see
+    /// [`Tracked`], or with the service call if the connection goes first).
     pub(super) fn start(self: &Arc<Self>) -> Finished {
         self.started.fetch_add(1, Ordering::Relaxed);
         Finished(self.clone())
@@ -70,6 +77,43 @@ pub(super) struct Finished(Arc<Requests>);
 impl Drop for Finished {
     fn drop(&mut self) {
         self.0.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that ends its request when dropped: hyper drops it
+/// once it has taken the last frame (or with the connection), so a
+/// streamed answer counts as in progress for as long as it streams.
+pub(super) struct Tracked {
+    body: axum::body::Body,
+    _finished: Finished,
+}
+
+impl Tracked {
+    pub(super) fn new(body: axum::body::Body, finished: Finished) -> Self {
+        Tracked {
+            body,
+            _finished: finished,
+        }
+    }
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -98,11 +142,19 @@ pub(super) struct Deadlines<IO> {
     /// When the blocked write gives up; `None` while writes go through.
     stall_deadline: Option<Instant>,
     stall_timer: Option<Pin<Box<Sleep>>>,
+    /// Where the server asks idle connections to make room.
+    evict: Option<Arc<tokio::sync::Notify>>,
+    /// Waiting for that request while idle between requests.
+    eviction: Option<Pin<Box<OwnedNotified>>>,
+    /// The request came while a write was under way: close at the next
+    /// read.
+    evicted: bool,
 }
 
 impl<IO> Deadlines<IO> {
     /// `io`, just accepted, awaiting its first request head.
-    pub(super) fn new(io: IO, timeouts: Timeouts, requests: Arc<Requests>) -> Self {
+    pub(super) fn new(io: IO, options: ConnectionOptions, requests: Arc<Requests>) -> Self {
+        let timeouts = options.timeouts;
         let read_deadline = Instant::now() + timeouts.header;
         Deadlines {
             io,
@@ -115,6 +167,9 @@ impl<IO> Deadlines<IO> {
             last_write: None,
             stall_deadline: None,
             stall_timer: None,
+            evict: options.evict_idle,
+            eviction: None,
+            evicted: false,
         }
     }
 
@@ -130,6 +185,7 @@ impl<IO> Deadlines<IO> {
     /// kept alive, idle until the next request's first byte).
     fn awaiting_request(&mut self) -> bool {
         if self.requests.in_progress() {
+            self.leave_idle();
             return false;
         }
         let finished = self.requests.finished();
@@ -143,6 +199,44 @@ impl<IO> Deadlines<IO> {
     fn wait_for(&mut self, waiting: Waiting) {
         self.waiting = waiting;
         self.read_deadline = Instant::now() + self.limit(waiting);
+        match waiting {
+            Waiting::NextRequest => {
+                self.eviction = self
+                    .evict
+                    .as_ref()
+                    .map(|evict| Box::pin(evict.clone().notified_owned()));
+            }
+            Waiting::Head => self.leave_idle(),
+        }
+    }
+
+    /// A request came: the connection is no longer idle. A request to
+    /// close that it took but did not act on goes to another connection.
+    fn leave_idle(&mut self) {
+        self.eviction = None;
+        if std::mem::take(&mut self.evicted)
+            && let Some(evict) = &self.evict
+        {
+            evict.notify_one();
+        }
+    }
+
+    /// Whether the server asked this connection, idle between requests,
+    /// to close (the read side acts on it only with nothing left to
+    /// write, so a response is never cut off).
+    fn poll_eviction(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.evicted {
+            return true;
+        }
+        let Some(eviction) = &mut self.eviction else {
+            return false;
+        };
+        if eviction.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.eviction = None;
+        self.evicted = true;
+        true
     }
 
     /// Polls the read deadline (extended by recent write progress); the
@@ -192,9 +286,13 @@ impl<IO> Deadlines<IO> {
                     if self.awaiting_request() {
                         // The tail of a response: hyper, idle once it is
                         // written, may not read again until the peer sends
-                        // something, so the read deadline's timer must be
-                        // registered from here to wake the connection.
+                        // something, so the read deadline's timer (and the
+                        // eviction) must be registered from here to wake
+                        // the connection.
                         let _ = self.poll_read_deadline(cx);
+                        if self.poll_eviction(cx) {
+                            cx.waker().wake_by_ref();
+                        }
                     }
                 }
                 Poll::Ready(Ok(n))
@@ -243,6 +341,14 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // hyper reads between its flushes: no blocked write means
+            // that nothing of the last response is left to write.
+            Poll::Pending if this.stall_deadline.is_none() && this.poll_eviction(cx) => {
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "closed while idle to make room for another connection",
+                )))
+            }
             Poll::Pending => this.poll_read_deadline(cx).map(Err),
         }
     }

@@ -29,7 +29,10 @@ use serde_json::{Value, json};
 use tailkitd::identity::Identity;
 use tailkitd::run::runner::{RunEnd, RunSpec};
 use tailkitd::run::{CgroupSetting, ExecSettings, Runner};
-use tailkitd::server::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT, IdentityResolver, serve_connection};
+use tailkitd::server::{
+    ConnectionOptions, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, IdentityResolver, Timeouts,
+    serve_connection, serve_connection_with,
+};
 use tailkitd::tools::{Registry, ToolLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

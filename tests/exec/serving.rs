@@ -343,3 +343,69 @@ async fn strict_http_refusals_reach_the_caller_through_hyper() {
         .collect();
     assert_eq!(statuses, [421, 400, 400, 501]);
 }
+
+#[tokio::test]
+async fn idle_connections_give_their_slot_up_when_asked_and_busy_ones_do_not() {
+    let d = Stack::command(json!(["/bin/echo", "hi"]), json!([]), settings());
+    let peer: SocketAddr = "100.64.0.7:40000".parse().unwrap();
+    let resolver: Arc<dyn IdentityResolver> =
+        Arc::new(ByIp(BTreeMap::from([(peer.ip(), alice())])));
+    let evict = Arc::new(tokio::sync::Notify::new());
+    let open = || {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(serve_connection_with(
+            server,
+            peer,
+            resolver.clone(),
+            d.api.router(),
+            CancellationToken::new(),
+            ConnectionOptions {
+                timeouts: Timeouts::default(),
+                evict_idle: Some(evict.clone()),
+            },
+        ));
+        client
+    };
+    let ended = async |client: &mut tokio::io::DuplexStream| {
+        let mut rest = Vec::new();
+        tokio::time::timeout(LONG, client.read_to_end(&mut rest))
+            .await
+            .is_ok()
+    };
+    let health = format!("GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    let mut idle = open();
+    idle.write_all(health.as_bytes()).await.unwrap();
+    read_until(&mut idle, "\"ok\"", 2).await;
+    let mut busy = open();
+    busy.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+
+    evict.notify_one();
+    assert!(ended(&mut idle).await, "the idle connection was not closed");
+    busy.write_all(format!("Host: {HOST}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_until(&mut busy, "\"ok\"", 2).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Asked while no connection is idle: the next one to fall idle goes,
+    // after its answer is complete.
+    evict.notify_one();
+    assert!(
+        ended(&mut busy).await,
+        "the connection idle now was not closed"
+    );
+    evict.notify_one();
+    let mut late = open();
+    late.write_all(health.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(LONG, late.read_to_string(&mut out))
+        .await
+        .expect("closed after its answer")
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.ends_with("\"status\":\"ok\"}") || out.contains("\"audit\":\"ok\""),
+        "{out}"
+    );
+    assert_eq!(out.matches("HTTP/1.1").count(), 1);
+}
