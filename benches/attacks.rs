@@ -84,38 +84,26 @@ async fn run() {
     let tools = dir.path().join("tools");
     std::fs::create_dir(&tools).expect("tools dir");
     std::fs::write(tools.join("t.json"), TOOL).expect("tool file");
-    let mut daemon = KillOnDrop(
-        Command::new(&bin)
-            .args(["run", "--hostname", HOST, "--config", "/dev/null"])
-            .arg("--state-dir")
-            .arg(dir.path().join("daemon"))
-            .arg("--tools-dir")
-            .arg(&tools)
-            .args(["--control-url", localnet.control_url()])
-            .env("TS_AUTHKEY", localnet.auth_key().unwrap_or_default())
-            .env("RUST_LOG", "tailkitd=error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("tailkitd run"),
-    );
-    let stdout = daemon.0.stdout.take().expect("stdout");
-    let up = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("tailkitd up:"))
-        .expect("the daemon came up");
-    println!("{up}");
-    let pid = daemon.0.id();
-    // Every peer reaches the daemon before the attacks start.
-    for p in &peers {
-        let r = p
-            .call(HOST, Call::get(HOST, "/health"))
-            .await
-            .expect("health");
-        assert_eq!(r.status, 200);
-    }
-    show("at rest", pid);
+    // Each check meets a daemon of its own, so that none inherits what an
+    // earlier one left behind.
+    let start = async || {
+        let daemon = start_daemon(&bin, dir.path(), &localnet).await;
+        for p in &peers {
+            let r = p
+                .call(HOST, Call::get(HOST, "/health"))
+                .await
+                .expect("health");
+            assert_eq!(r.status, 200);
+        }
+        show("at rest", daemon.0.id());
+        daemon
+    };
 
-    let idle = tokio::spawn(keep_alive_after_silence(peers[PEERS].clone()));
+    // 0. Keep-alive on a quiet daemon.
+    println!("\n0. keep-alive: one GET, 65 s of silence, another GET on the same connection");
+    let daemon = start().await;
+    println!("  {}", keep_alive_after_silence(peers[PEERS].clone()).await);
+    drop(daemon);
 
     // 1. Slow readers: every peer but the last opens 64 connections, writes
     // many pipelined GET /health in one write, and never reads.
@@ -123,6 +111,8 @@ async fn run() {
     println!(
         "\n1. slow readers: {PEERS} peers x {CONNS_PER_PEER} connections, {per_conn} pipelined GET /health each, never read"
     );
+    let daemon = start().await;
+    let pid = daemon.0.id();
     let health: Bytes = format!("GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
         .repeat(per_conn)
         .into();
@@ -135,6 +125,7 @@ async fn run() {
     drop(attack);
     tokio::time::sleep(Duration::from_secs(5)).await;
     show("5 s after the attackers closed", pid);
+    drop(daemon);
 
     // 2. The same with a 1 MiB job result: each attacking peer runs its own
     // job, then pipelines GETs of it.
@@ -142,6 +133,8 @@ async fn run() {
     println!(
         "\n2. pipelined GETs of a 1 MiB result: {PEERS} peers x {CONNS_PER_PEER} connections x {gets} GETs, never read"
     );
+    let daemon = start().await;
+    let pid = daemon.0.id();
     let mut attack = Vec::new();
     for p in &peers[..PEERS] {
         let r = p
@@ -149,9 +142,11 @@ async fn run() {
                 HOST,
                 Call::post_json(HOST, "/exec/t/big?wait=30s", &serde_json::json!({})),
             )
-            .await
-            .expect("POST big");
-        let id = r.json["job_id"].as_str().expect("job id").to_string();
+            .await;
+        let Some(id) = r.as_ref().ok().and_then(|r| r.json["job_id"].as_str()) else {
+            println!("  {}'s POST got no job: {:?}", p.name, r.map(|r| r.status));
+            continue;
+        };
         let get: Bytes = format!("GET /exec/jobs/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
             .repeat(gets)
             .into();
@@ -166,9 +161,12 @@ async fn run() {
     drop(attack);
     tokio::time::sleep(Duration::from_secs(5)).await;
     show("5 s after the attackers closed", pid);
+    drop(daemon);
 
     // 3. Amplification: 1 MiB of 0x01 bytes, fetched 60 times without reading.
     println!("\n3. amplification: a 1 MiB output of 0x01, 60 unread GETs from one peer");
+    let daemon = start().await;
+    let pid = daemon.0.id();
     let p = &peers[0];
     let r = p
         .call(
@@ -191,11 +189,40 @@ async fn run() {
     drop(attack);
     tokio::time::sleep(Duration::from_secs(5)).await;
     show("5 s after they closed", pid);
+    drop(daemon);
+}
 
-    println!(
-        "\n4. keep-alive: {}",
-        idle.await.unwrap_or_else(|e| e.to_string())
+/// Starts `bin run` as [`HOST`] and waits for its "up" line.
+async fn start_daemon(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    localnet: &Localnet,
+) -> KillOnDrop {
+    let mut daemon = KillOnDrop(
+        Command::new(bin)
+            .args(["run", "--hostname", HOST, "--config", "/dev/null"])
+            .arg("--state-dir")
+            .arg(dir.join("daemon"))
+            .arg("--tools-dir")
+            .arg(dir.join("tools"))
+            .args(["--control-url", localnet.control_url()])
+            .env("TS_AUTHKEY", localnet.auth_key().unwrap_or_default())
+            .env("RUST_LOG", "tailkitd=error")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tailkitd run"),
     );
+    let stdout = daemon.0.stdout.take().expect("stdout");
+    let up = tokio::task::spawn_blocking(move || {
+        std::io::BufRead::lines(std::io::BufReader::new(stdout))
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("tailkitd up:"))
+    })
+    .await
+    .expect("reading the daemon's stdout")
+    .expect("the daemon came up");
+    println!("{up}");
+    daemon
 }
 
 static START: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
