@@ -14,7 +14,7 @@ use tailkitd::api::ApiSettings;
 use tailkitd::audit::AuditLog;
 use tailkitd::identity::Identity;
 use tailkitd::run::store::{JobLimits, JobStore};
-use tailkitd::run::{ExecSettings, JobResult, JobStatus, JobView};
+use tailkitd::run::{ExecSettings, JobResult, JobStatus};
 use tailkitd::tools::{Registry, ToolLimits, prepare};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -74,12 +74,11 @@ fn substitution(c: &mut Criterion) {
     });
 }
 
-/// A finished result, serialized as the executor stores it.
-fn finished(id: uuid::Uuid) -> JobView {
-    JobView::new(&JobResult {
+fn finished(id: uuid::Uuid) -> JobResult {
+    JobResult {
         stdout: "ok\n".into(),
         ..JobResult::pending(id, JobStatus::Completed, "t", "c", None, 1)
-    })
+    }
 }
 
 fn job_store(c: &mut Criterion) {

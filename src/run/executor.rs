@@ -427,8 +427,7 @@ impl RunningJob {
             duration_ms = result.duration_ms, "job finished"
         );
         self.finished = true;
-        // Serialized once, here, outside the store lock.
-        self.inner.store.finish(self.id, JobView::new(&result));
+        self.inner.store.finish(self.id, result);
     }
 }
 
@@ -490,7 +489,6 @@ mod tests {
             finished: false,
         });
         let result = executor.jobs().get(admitted.id, &caller).unwrap();
-        let result = result.to_result().unwrap();
         assert_eq!((result.status, result.exit_code), (JobStatus::Failed, -1));
         let lines = audit.lines();
         assert_eq!(lines.len(), 1, "{lines:?}");
@@ -532,7 +530,6 @@ mod tests {
         job.pending = Some(result);
         drop(job);
         let result = executor.jobs().get(admitted.id, &caller).unwrap();
-        let result = result.to_result().unwrap();
         assert_eq!((result.status, result.exit_code), (JobStatus::Completed, 0));
         assert!(audit.lines().is_empty(), "Drop wrote a second record");
     }

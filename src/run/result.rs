@@ -3,6 +3,7 @@
 //! rules), the output cap counted in the bytes that are sent, and the
 //! [`JobView`]: a result serialized once, shared by every answer.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -182,43 +183,49 @@ fn cut_to_sent_len(text: &mut String, max: usize) -> bool {
     false
 }
 
-/// A job as answered: its [`JobResult`] serialized once (for a finished
-/// job, when it finished), so every answer that sends it shares one buffer
-/// instead of serializing, or copying, the output again.
+/// A job as answered: its [`JobResult`] and that result serialized once
+/// (for a finished job, when it finished), so every answer that sends it
+/// shares one buffer instead of serializing, or copying, the output
+/// again. Cheap to clone; reads as the [`JobResult`] it holds.
 #[derive(Debug, Clone)]
 pub struct JobView {
-    /// The job's state.
-    pub status: JobStatus,
-    /// The JSON of the job result, as sent.
+    /// The result.
+    pub result: Arc<JobResult>,
+    /// Its JSON, as sent.
     pub json: Bytes,
-    /// stdout + stderr as sent (JSON-escaped): what the result counts
-    /// against the store's output budget.
-    pub output_bytes: usize,
+    /// stdout + stderr as they appear in `json` (JSON-escaped).
+    sent_output: usize,
 }
 
 impl JobView {
     /// Serializes `result`.
-    pub fn new(result: &JobResult) -> JobView {
-        let output_bytes = sent_text_len(&result.stdout) + sent_text_len(&result.stderr);
-        let mut json = Vec::with_capacity(output_bytes + 512);
+    pub fn new(result: Arc<JobResult>) -> JobView {
+        let sent_output = sent_text_len(&result.stdout) + sent_text_len(&result.stderr);
+        let mut json = Vec::with_capacity(sent_output + 512);
         // Serializing plain strings and numbers into a Vec cannot fail.
-        if let Err(e) = serde_json::to_writer(&mut json, result) {
+        if let Err(e) = serde_json::to_writer(&mut json, &*result) {
             tracing::error!(error = %e, "could not serialize a job result");
         }
         JobView {
-            status: result.status,
+            result,
             json: Bytes::from(json),
-            output_bytes,
+            sent_output,
         }
     }
 
-    /// The job result, parsed back from the JSON.
-    ///
-    /// # Errors
-    ///
-    /// Never for a view made by [`JobView::new`].
-    pub fn to_result(&self) -> serde_json::Result<JobResult> {
-        serde_json::from_slice(&self.json)
+    /// The bytes this view holds for its output: the output itself, and
+    /// again as it appears in the JSON (what a retained result counts
+    /// against the store's output budget).
+    pub fn output_bytes(&self) -> usize {
+        self.result.stdout.len() + self.result.stderr.len() + self.sent_output
+    }
+}
+
+impl std::ops::Deref for JobView {
+    type Target = JobResult;
+
+    fn deref(&self) -> &JobResult {
+        &self.result
     }
 }
 
@@ -308,15 +315,17 @@ mod tests {
         r.limit_sent_output(7);
         assert_eq!(r.stderr, "ééé", "cut at a character boundary");
         assert!(r.stderr_truncated);
-        let view = JobView::new(&r);
-        assert_eq!(view.output_bytes, 6 + 6);
-        assert_eq!(view.to_result().unwrap(), r);
+        let view = JobView::new(Arc::new(r.clone()));
+        // Stored: 1 + 6 bytes of text; sent: 6 + 6 bytes of JSON.
+        assert_eq!(view.output_bytes(), (1 + 6) + (6 + 6));
+        let parsed: JobResult = serde_json::from_slice(&view.json).unwrap();
+        assert_eq!(parsed, r);
         // The answer stays within the caps plus the envelope.
         let mut big = JobResult::pending(Uuid::nil(), JobStatus::Completed, "t", "c", None, 0);
         big.stdout = "\u{1}".repeat(1 << 20);
         big.stderr = "\u{1}".repeat(1 << 20);
         big.limit_sent_output(1 << 20);
-        let view = JobView::new(&big);
+        let view = JobView::new(Arc::new(big));
         assert!(view.json.len() <= (2 << 20) + 512, "{}", view.json.len());
     }
 

@@ -125,7 +125,7 @@ impl Snapshot {
     fn into_view(self) -> JobView {
         match self {
             Snapshot::Done(view) => view,
-            Snapshot::Pending(result) => JobView::new(&result),
+            Snapshot::Pending(result) => JobView::new(Arc::new(result)),
         }
     }
 }
@@ -256,11 +256,12 @@ impl JobStore {
         }
     }
 
-    /// Stores the terminal `result` (serialized by the caller, outside the
-    /// lock), frees the job's slot, wakes its waiters and starts its TTL;
-    /// evicts the oldest finished results past the count cap or the output
-    /// budget (never this one for the budget).
-    pub fn finish(&self, id: Uuid, result: JobView) {
+    /// Stores the terminal `result`, serialized once here (before the lock
+    /// is taken), frees the job's slot, wakes its waiters and starts its
+    /// TTL; evicts the oldest finished results past the count cap or the
+    /// output budget (never this one for the budget).
+    pub fn finish(&self, id: Uuid, result: JobResult) {
+        let result = JobView::new(Arc::new(result));
         let status = result.status;
         debug_assert!(status.is_terminal());
         let mut state = self.shared.lock();
@@ -393,9 +394,10 @@ impl Drop for JobStore {
 }
 
 /// What a result counts against [`JobLimits::max_retained_output_bytes`]:
-/// its output as sent (JSON-escaped; its job's event index is added to it).
+/// its output as stored, twice (as text, and JSON-escaped in the answer
+/// it is sent as); its job's event index is added to it.
 fn output_bytes(result: &JobView) -> usize {
-    result.output_bytes
+    result.output_bytes()
 }
 
 impl State {
@@ -408,11 +410,11 @@ impl State {
         // Only `finish` calls this, once per job (it returns early for a
         // terminal one).
         debug_assert!(job.result.is_none());
-        // Live streams read the sealed result's output. Sealed first: the
-        // budget counts the job's event index too, complete only then.
-        if let Ok(parsed) = result.to_result() {
-            job.output.seal(Arc::new(parsed));
-        }
+        // Live streams read the stored result's output: it is the buffer
+        // they followed, moved, not a copy (the view's JSON is the one
+        // copy, made once in `finish`). Sealed first: the budget counts the
+        // job's event index too, complete only then.
+        job.output.seal(Arc::clone(&result.result));
         job.retained = output_bytes(&result) + job.output.index_bytes();
         self.output_bytes += job.retained;
         job.result = Some(result);
@@ -494,16 +496,18 @@ mod tests {
         }
     }
 
-    /// Limits where the output budget (100 bytes) binds before the count.
+    /// Limits where the output budget binds before the count: 100 bytes of
+    /// plain text, which counts twice (as stored, and in the result's JSON).
     fn budget_limits() -> JobLimits {
         JobLimits {
             max_retained: 10,
-            max_retained_output_bytes: 100,
+            max_retained_output_bytes: 2 * 100,
             ..limits()
         }
     }
 
-    /// The store's output byte total, checked against a recount.
+    /// The store's output byte total, checked against a recount, in bytes
+    /// of plain text (each counts twice: see [`budget_limits`]).
     fn output_bytes_held(store: &JobStore) -> usize {
         let state = store.shared.lock();
         let recount: usize = state
@@ -512,17 +516,17 @@ mod tests {
             .filter_map(|j| Some(output_bytes(j.result.as_ref()?) + j.output.index_bytes()))
             .sum();
         assert_eq!(state.output_bytes, recount, "accounting drifted");
-        state.output_bytes
+        state.output_bytes / 2
     }
 
     /// Runs a job to completion with `bytes` of output, split over both
     /// streams.
     fn finish_with_output(store: &JobStore, bytes: usize) -> Uuid {
         let j = store.admit(alice().owner(), "t", "c").unwrap();
-        let mut result = done_result(j.id, JobStatus::Completed);
+        let mut result = done(j.id, JobStatus::Completed);
         result.stdout = "o".repeat(bytes / 2);
         result.stderr = "e".repeat(bytes - bytes / 2);
-        store.finish(j.id, JobView::new(&result));
+        store.finish(j.id, result);
         j.id
     }
 
@@ -548,20 +552,11 @@ mod tests {
         }
     }
 
-    fn done_result(id: Uuid, status: JobStatus) -> JobResult {
+    fn done(id: Uuid, status: JobStatus) -> JobResult {
         JobResult {
             stdout: "out".into(),
             ..JobResult::pending(id, status, "t", "c", None, 1)
         }
-    }
-
-    fn done(id: Uuid, status: JobStatus) -> JobView {
-        JobView::new(&done_result(id, status))
-    }
-
-    /// The result of job `id` as alice reads it, parsed.
-    fn read(store: &JobStore, id: Uuid) -> JobResult {
-        store.get(id, &alice()).unwrap().to_result().unwrap()
     }
 
     #[tokio::test]
@@ -578,11 +573,11 @@ mod tests {
             JobStatus::Accepted
         );
         store.set_running(a.id, SystemTime::now());
-        let running = read(&store, a.id);
+        let running = store.get(a.id, &alice()).unwrap();
         assert_eq!(running.status, JobStatus::Running);
         assert!(running.started_at.is_some() && running.finished_at.is_none());
         store.finish(a.id, done(a.id, JobStatus::Completed));
-        assert_eq!(read(&store, a.id).stdout, "out");
+        assert_eq!(store.get(a.id, &alice()).unwrap().stdout, "out");
         assert_eq!(store.active(), 1);
         store.admit(alice().owner(), "t", "c").unwrap();
         store.abandon(b.id);
@@ -596,7 +591,7 @@ mod tests {
         let a = store.admit(alice().owner(), "t", "c").unwrap();
         store.finish(a.id, done(a.id, JobStatus::Completed));
         store.abandon(a.id);
-        assert_eq!(read(&store, a.id).stdout, "out");
+        assert_eq!(store.get(a.id, &alice()).unwrap().stdout, "out");
         assert_eq!(store.active(), 0);
     }
 
@@ -703,7 +698,7 @@ mod tests {
         let small = finish_with_output(&store, 30);
         let big = finish_with_output(&store, 500);
         assert!(store.get(small, &alice()).is_none());
-        let r = read(&store, big);
+        let r = store.get(big, &alice()).unwrap();
         assert_eq!(r.stdout.len() + r.stderr.len(), 500);
         assert_eq!(output_bytes_held(&store), 500);
         let next = finish_with_output(&store, 10);
@@ -763,13 +758,14 @@ mod tests {
         let first = store.get(id, &alice()).unwrap();
         let second = store.get(id, &alice()).unwrap();
         let waited = store.wait(id, &alice(), Duration::ZERO).await.unwrap();
-        // One buffer however many readers: a GET costs no copy of the (up
-        // to 2 MiB) output, and no serialization, under the store lock or
-        // after it.
+        // One output buffer, and one JSON of it, however many readers: a
+        // GET costs no copy of the (up to 2 MiB) output under the store
+        // lock, and no serialization after it.
+        assert_eq!(first.stdout.as_ptr(), second.stdout.as_ptr());
+        assert_eq!(first.stderr.as_ptr(), waited.stderr.as_ptr());
         assert_eq!(first.json.as_ptr(), second.json.as_ptr());
         assert_eq!(first.json.as_ptr(), waited.json.as_ptr());
-        let r = first.to_result().unwrap();
-        assert_eq!(r.stdout.len() + r.stderr.len(), 1 << 20);
+        assert_eq!(first.stdout.len() + first.stderr.len(), 1 << 20);
         assert_eq!(output_bytes_held(&store), 1 << 20, "counted once");
     }
 
@@ -787,12 +783,14 @@ mod tests {
         let result = JobResult {
             stdout: String::from_utf8(stdout.data).unwrap(),
             stderr: String::from_utf8(stderr.data).unwrap(),
-            ..done_result(j.id, JobStatus::Completed)
+            ..done(j.id, JobStatus::Completed)
         };
-        store.finish(j.id, JobView::new(&result));
+        store.finish(j.id, result);
         assert_eq!(j.output.index_bytes(), 200 * INDEX_ENTRY_BYTES);
-        // 600 bytes sent ("\n" is escaped in two), and the index.
-        assert_eq!(output_bytes_held(&store), 600 + 200 * INDEX_ENTRY_BYTES);
+        // 400 bytes stored, 600 sent ("\n" is escaped in two), and the index.
+        let held = store.shared.lock().output_bytes;
+        assert_eq!(held, 400 + 600 + 200 * INDEX_ENTRY_BYTES);
+        output_bytes_held(&store);
         assert!(j.output.is_sealed(), "finish seals the output");
     }
 

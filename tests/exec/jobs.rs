@@ -121,7 +121,7 @@ async fn shutdown_lets_short_jobs_finish_and_cancels_the_rest() {
             .unwrap()
     };
     assert_eq!(get(&short).status.as_str(), "completed");
-    let long = get(&long).to_result().unwrap();
+    let long = get(&long);
     assert_eq!(long.status.as_str(), "cancelled");
     assert!(long.error.as_deref().unwrap().contains("shutting down"));
     let finished: Vec<Value> = d
