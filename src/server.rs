@@ -16,7 +16,7 @@
 //! peer's writes wait in TCP), and writes a response from its body's own
 //! buffer (`writev`; a job result is one buffer shared by every answer,
 //! see [`crate::api`]) without copying it, writing the next response only
-//! once the last one was flushed. Deadlines ([`deadlines`]) close a
+//! once the last one was flushed. Deadlines (`server/deadlines.rs`) close a
 //! connection whose request head is slow, which stays idle too long, or
 //! whose peer stops reading a response.
 
@@ -66,6 +66,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long a response may make no progress (the peer reads nothing)
 /// before the connection is closed.
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Requests served on one connection at most; the last answer says
+/// `Connection: close`. A kept-alive client reconnects once per this many
+/// requests; a peer that pipelines without reading gets this many answers
+/// buffered towards it at most, and what it sent beyond is dropped with
+/// the connection.
+pub const MAX_REQUESTS_PER_CONNECTION: u64 = 1000;
 /// What hyper buffers of a connection's input at most (a request head, and
 /// whatever the peer pipelined behind it), and of its output besides the
 /// response bodies themselves: 64 KiB. A request head must fit.
@@ -188,14 +194,22 @@ where
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let resolver = resolver.clone();
             let router = router.clone();
-            let finished = requests.start();
+            let (finished, nth) = requests.start();
             async move {
                 let identity = resolver.resolve(peer).await.map(Arc::new);
                 let mut request = request.map(Body::new);
                 request
                     .extensions_mut()
                     .insert(PeerIdentity { peer, identity });
-                let response = router.oneshot(request).await?;
+                let mut response = router.oneshot(request).await?;
+                if nth >= MAX_REQUESTS_PER_CONNECTION {
+                    // hyper closes the connection after this answer, and
+                    // drops whatever the peer pipelined behind it.
+                    response.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
                 // The request ends with its response body, not before.
                 Ok::<_, std::convert::Infallible>(
                     response.map(|body| deadlines::Tracked::new(body, finished)),

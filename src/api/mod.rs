@@ -66,7 +66,7 @@ pub struct ApiSettings {
     /// Live streams one peer may have open at once (16); more get `429`.
     pub max_streams_per_peer: usize,
     /// Job result bytes that answers may hold in flight at once (256 MiB;
-    /// a result sent by many answers counts once). See [`respond`].
+    /// a result sent by many answers counts once). See `api/respond.rs`.
     pub max_response_bytes_in_flight: usize,
     /// How long an answer waits for room in that budget before it is
     /// refused `503` (5 s).

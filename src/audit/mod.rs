@@ -2,11 +2,11 @@
 //! before the caller goes on, so an `exec.accepted` record exists before the
 //! command starts. A separate sink from `tracing`: operators ship and keep
 //! it differently from debug logs. One thread of its own does the writing
-//! ([`writer`]): a record it cannot write (a full disk) is kept and written
+//! (`audit/writer.rs`): a record it cannot write (a full disk) is kept and written
 //! once the sink takes records again, except an acceptance, whose job is
 //! refused instead; `/health` tells while that lasts ([`AuditLog::status`]).
 //! At start, the daemon closes the jobs a killed daemon left open in the
-//! log ([`AuditLog::close_abandoned`], in [`recover`]).
+//! log ([`AuditLog::close_abandoned`], in `audit/recover.rs`).
 
 mod recover;
 mod writer;

@@ -99,7 +99,7 @@ fn parse(line: &[u8]) -> Option<AuditRecord> {
 
 impl AuditLog {
     /// Records every job that the log shows accepted but never ended as
-    /// `exec.abandoned` (a daemon killed while it ran; see [`recover`](self)),
+    /// `exec.abandoned` (a daemon killed while it ran; see `audit/recover.rs`),
     /// ending a torn last line first so that no record is glued onto it.
     /// Call it once at start, before serving. A no-op for stdout and
     /// memory logs. Returns how many jobs it closed.

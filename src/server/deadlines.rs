@@ -57,9 +57,11 @@ impl Requests {
     /// A request's head was parsed and handed to the service; the returned
     /// guard counts it finished when dropped (with its response body, see
     /// [`Tracked`], or with the service call if the connection goes first).
-    pub(super) fn start(self: &Arc<Self>) -> Finished {
-        self.started.fetch_add(1, Ordering::Relaxed);
-        Finished(self.clone())
+    /// Also returns how many requests the connection has started, this one
+    /// included.
+    pub(super) fn start(self: &Arc<Self>) -> (Finished, u64) {
+        let started = self.started.fetch_add(1, Ordering::Relaxed) + 1;
+        (Finished(self.clone()), started)
     }
 
     fn in_progress(&self) -> bool {

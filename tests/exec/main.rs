@@ -30,8 +30,8 @@ use tailkitd::identity::Identity;
 use tailkitd::run::runner::{RunEnd, RunSpec};
 use tailkitd::run::{CgroupSetting, ExecSettings, Runner};
 use tailkitd::server::{
-    ConnectionOptions, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, IdentityResolver, Timeouts,
-    serve_connection, serve_connection_with,
+    ConnectionOptions, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, IdentityResolver,
+    MAX_REQUESTS_PER_CONNECTION, Timeouts, serve_connection, serve_connection_with,
 };
 use tailkitd::tools::{Registry, ToolLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

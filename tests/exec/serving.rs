@@ -409,3 +409,37 @@ async fn idle_connections_give_their_slot_up_when_asked_and_busy_ones_do_not() {
     );
     assert_eq!(out.matches("HTTP/1.1").count(), 1);
 }
+
+#[tokio::test]
+async fn a_connection_serves_a_bounded_number_of_requests_then_closes() {
+    let d = Stack::command(json!(["/bin/echo", "hi"]), json!([]), settings());
+    let peer: SocketAddr = "100.64.0.7:40000".parse().unwrap();
+    let resolver: Arc<dyn IdentityResolver> =
+        Arc::new(ByIp(BTreeMap::from([(peer.ip(), alice())])));
+    let (client, server) = tokio::io::duplex(1 << 16);
+    tokio::spawn(serve_connection(
+        server,
+        peer,
+        resolver,
+        d.api.router(),
+        CancellationToken::new(),
+    ));
+    let extra = 5;
+    let requests = MAX_REQUESTS_PER_CONNECTION as usize + extra;
+    let health = format!("GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n").repeat(requests);
+    let (mut reader, mut writer) = tokio::io::split(client);
+    let writing = tokio::spawn(async move {
+        let _ = writer.write_all(health.as_bytes()).await;
+    });
+    let mut out = String::new();
+    tokio::time::timeout(LONG, reader.read_to_string(&mut out))
+        .await
+        .expect("the connection was not closed")
+        .unwrap();
+    writing.abort();
+    let answers = out.matches("HTTP/1.1 200 OK").count();
+    assert_eq!(answers, MAX_REQUESTS_PER_CONNECTION as usize);
+    let last = out.rsplit("HTTP/1.1 200 OK").next().unwrap();
+    assert!(last.contains("connection: close"), "{last}");
+    assert_eq!(out.matches("connection: close").count(), 1);
+}
