@@ -57,39 +57,9 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Resident memory of the Go heap's arenas (they start at 0xc000000000),
-/// in MiB: what the tailnet stack (its TCP buffers) holds, as opposed to
-/// the Rust side.
-fn go_heap(pid: u32) -> u64 {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut in_go = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        if let Some(range) = line.split_whitespace().next().filter(|r| r.contains('-')) {
-            let start = range.split('-').next().unwrap_or("");
-            if let Ok(start) = u64::from_str_radix(start, 16) {
-                in_go = (0xc0_0000_0000..0xc1_0000_0000).contains(&start);
-                continue;
-            }
-        }
-        if in_go && let Some(rss) = line.strip_prefix("Rss:") {
-            kib += rss
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    kib / 1024
-}
-
 fn show(what: &str, pid: u32) {
     let (now, peak) = rss(pid);
-    println!(
-        "  {what}: rss={now} MiB (Go heap {} MiB) peak={peak} MiB fds={}",
-        go_heap(pid),
-        fds(pid)
-    );
+    println!("  {what}: rss={now} MiB peak={peak} MiB fds={}", fds(pid));
 }
 
 async fn run() {

@@ -72,6 +72,13 @@ pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// buffered towards it at most, and what it sent beyond is dropped with
 /// the connection.
 pub const MAX_REQUESTS_PER_CONNECTION: u64 = 1000;
+/// Requests in a row that a peer may send before it has the previous
+/// answer (HTTP/1.1 pipelining, which no common client does); the last
+/// of them is answered with `Connection: close`, and what the peer
+/// pipelined beyond is dropped with the connection. So a peer that
+/// pipelines thousands of requests and reads nothing gets a few answers
+/// buffered towards it, not thousands, and its connection ends at once.
+pub const MAX_PIPELINED_REQUESTS: u64 = 16;
 /// What hyper buffers of a connection's input at most (a request head, and
 /// whatever the peer pipelined behind it), and of its output besides the
 /// response bodies themselves: 64 KiB. A request head must fit.
@@ -194,7 +201,7 @@ where
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let resolver = resolver.clone();
             let router = router.clone();
-            let (finished, nth) = requests.start();
+            let started = requests.start();
             async move {
                 let identity = resolver.resolve(peer).await.map(Arc::new);
                 let mut request = request.map(Body::new);
@@ -202,7 +209,9 @@ where
                     .extensions_mut()
                     .insert(PeerIdentity { peer, identity });
                 let mut response = router.oneshot(request).await?;
-                if nth >= MAX_REQUESTS_PER_CONNECTION {
+                if started.nth >= MAX_REQUESTS_PER_CONNECTION
+                    || started.pipelined >= MAX_PIPELINED_REQUESTS
+                {
                     // hyper closes the connection after this answer, and
                     // drops whatever the peer pipelined behind it.
                     response.headers_mut().insert(
@@ -212,7 +221,7 @@ where
                 }
                 // The request ends with its response body, not before.
                 Ok::<_, std::convert::Infallible>(
-                    response.map(|body| deadlines::Tracked::new(body, finished)),
+                    response.map(|body| deadlines::Tracked::new(body, started.finished)),
                 )
             }
         });

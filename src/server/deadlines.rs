@@ -21,7 +21,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,17 +51,44 @@ pub struct Timeouts {
 pub(super) struct Requests {
     started: AtomicU64,
     finished: AtomicU64,
+    /// Bytes were read while no request was in progress, since the last
+    /// request started: the next request was sent after the last answer
+    /// (else it was pipelined behind it).
+    read_while_idle: AtomicBool,
+    /// Requests pipelined in a row, up to the last one started.
+    pipelined: AtomicU64,
+}
+
+/// A request as it starts: its guard, and where it stands on its
+/// connection.
+pub(super) struct Started {
+    /// Counts it finished when dropped.
+    pub(super) finished: Finished,
+    /// Requests started on the connection, this one included.
+    pub(super) nth: u64,
+    /// Requests in a row, this one included, that the peer sent before it
+    /// had the previous answer (0 if this one came after it).
+    pub(super) pipelined: u64,
 }
 
 impl Requests {
     /// A request's head was parsed and handed to the service; the returned
     /// guard counts it finished when dropped (with its response body, see
     /// [`Tracked`], or with the service call if the connection goes first).
-    /// Also returns how many requests the connection has started, this one
-    /// included.
-    pub(super) fn start(self: &Arc<Self>) -> (Finished, u64) {
-        let started = self.started.fetch_add(1, Ordering::Relaxed) + 1;
-        (Finished(self.clone()), started)
+    pub(super) fn start(self: &Arc<Self>) -> Started {
+        let nth = self.started.fetch_add(1, Ordering::Relaxed) + 1;
+        let came_after_answer = self.read_while_idle.swap(false, Ordering::Relaxed);
+        let pipelined = if nth > 1 && !came_after_answer {
+            self.pipelined.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.pipelined.store(0, Ordering::Relaxed);
+            0
+        };
+        Started {
+            finished: Finished(self.clone()),
+            nth,
+            pipelined,
+        }
     }
 
     fn in_progress(&self) -> bool {
@@ -337,8 +364,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
         }
         match result {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before && this.waiting == Waiting::NextRequest {
-                    this.wait_for(Waiting::Head);
+                if buf.filled().len() > before {
+                    this.requests.read_while_idle.store(true, Ordering::Relaxed);
+                    if this.waiting == Waiting::NextRequest {
+                        this.wait_for(Waiting::Head);
+                    }
                 }
                 Poll::Ready(Ok(()))
             }

@@ -30,7 +30,7 @@ use tailkitd::identity::Identity;
 use tailkitd::run::runner::{RunEnd, RunSpec};
 use tailkitd::run::{CgroupSetting, ExecSettings, Runner};
 use tailkitd::server::{
-    ConnectionOptions, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, IdentityResolver,
+    ConnectionOptions, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, IdentityResolver, MAX_PIPELINED_REQUESTS,
     MAX_REQUESTS_PER_CONNECTION, Timeouts, serve_connection, serve_connection_with,
 };
 use tailkitd::tools::{Registry, ToolLimits};

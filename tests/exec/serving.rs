@@ -410,9 +410,8 @@ async fn idle_connections_give_their_slot_up_when_asked_and_busy_ones_do_not() {
     assert_eq!(out.matches("HTTP/1.1").count(), 1);
 }
 
-#[tokio::test]
-async fn a_connection_serves_a_bounded_number_of_requests_then_closes() {
-    let d = Stack::command(json!(["/bin/echo", "hi"]), json!([]), settings());
+/// A connection served over a duplex pipe, as alice.
+fn open_connection(d: &Stack) -> tokio::io::DuplexStream {
     let peer: SocketAddr = "100.64.0.7:40000".parse().unwrap();
     let resolver: Arc<dyn IdentityResolver> =
         Arc::new(ByIp(BTreeMap::from([(peer.ip(), alice())])));
@@ -424,22 +423,56 @@ async fn a_connection_serves_a_bounded_number_of_requests_then_closes() {
         d.api.router(),
         CancellationToken::new(),
     ));
-    let extra = 5;
-    let requests = MAX_REQUESTS_PER_CONNECTION as usize + extra;
-    let health = format!("GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n").repeat(requests);
-    let (mut reader, mut writer) = tokio::io::split(client);
-    let writing = tokio::spawn(async move {
-        let _ = writer.write_all(health.as_bytes()).await;
-    });
+    client
+}
+
+#[tokio::test]
+async fn a_peer_that_pipelines_gets_a_few_answers_then_the_connection_closes() {
+    let d = Stack::command(json!(["/bin/echo", "hi"]), json!([]), settings());
+    let mut client = open_connection(&d);
+    let health = format!("GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    // 200 requests in one write, as a pipelining client sends them.
+    client
+        .write_all(health.repeat(200).as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
-    tokio::time::timeout(LONG, reader.read_to_string(&mut out))
+    tokio::time::timeout(LONG, client.read_to_string(&mut out))
         .await
         .expect("the connection was not closed")
         .unwrap();
-    writing.abort();
-    let answers = out.matches("HTTP/1.1 200 OK").count();
-    assert_eq!(answers, MAX_REQUESTS_PER_CONNECTION as usize);
+    // The first, then MAX_PIPELINED_REQUESTS pipelined behind it.
+    let answers = out.matches("HTTP/1.1 200 OK").count() as u64;
+    assert_eq!(answers, 1 + MAX_PIPELINED_REQUESTS, "{out}");
     let last = out.rsplit("HTTP/1.1 200 OK").next().unwrap();
     assert!(last.contains("connection: close"), "{last}");
     assert_eq!(out.matches("connection: close").count(), 1);
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_serves_a_bounded_number_of_requests_then_closes() {
+    let d = Stack::command(json!(["/bin/echo", "hi"]), json!([]), settings());
+    let mut client = open_connection(&d);
+    let health = format!("GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    // One request at a time, each after the last answer: never cut short
+    // for pipelining.
+    for n in 1..=MAX_REQUESTS_PER_CONNECTION {
+        client.write_all(health.as_bytes()).await.unwrap();
+        let answer = read_until(&mut client, "\"status\":\"ok\"}", 1).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK"),
+            "request {n}: {answer}"
+        );
+        assert_eq!(
+            answer.contains("connection: close"),
+            n == MAX_REQUESTS_PER_CONNECTION,
+            "request {n}"
+        );
+    }
+    assert!(
+        tokio::time::timeout(LONG, client.read_to_end(&mut Vec::new()))
+            .await
+            .is_ok(),
+        "the connection was not closed"
+    );
 }
