@@ -18,8 +18,8 @@
 mod body;
 mod error;
 mod guard;
-mod stream;
 mod respond;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

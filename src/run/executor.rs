@@ -196,7 +196,6 @@ impl Executor {
         let inner = self.inner.clone();
         let tool = tool.to_string();
         let command = command.name.clone();
-        let max_output_bytes = spec.max_output_bytes;
         let (answer, answered) = tokio::sync::oneshot::channel::<Result<Uuid, io::Error>>();
         tokio::spawn(async move {
             // Until the job runs, a dropped task (runtime teardown) must not
@@ -220,7 +219,6 @@ impl Executor {
                 id,
                 tool,
                 command,
-                max_output_bytes,
                 record: finished,
                 pending: None,
                 finished: false,
@@ -355,8 +353,6 @@ struct RunningJob {
     id: Uuid,
     tool: String,
     command: String,
-    /// The per-stream output cap, counted in the bytes sent.
-    max_output_bytes: usize,
     /// The `exec.finished` record, caller and arguments filled in.
     record: AuditRecord,
     /// The result whose `exec.finished` is being written: if the task is
@@ -392,8 +388,8 @@ impl RunningJob {
     /// The job result and its `exec.finished` record for `outcome`.
     fn conclude(&self, outcome: RunOutcome) -> (JobResult, AuditRecord) {
         let (stdout_bytes, stderr_bytes) = (outcome.stdout.total, outcome.stderr.total);
-        let mut result = JobResult::from_outcome(self.id, &self.tool, &self.command, outcome);
-        result.limit_sent_output(self.max_output_bytes);
+        // The output is within its cap as sent: the capture counts it so.
+        let result = JobResult::from_outcome(self.id, &self.tool, &self.command, outcome);
         let mut record = self.record.clone();
         record.ts = rfc3339(SystemTime::now());
         record.status = Some(result.status.as_str().to_string());
@@ -483,7 +479,6 @@ mod tests {
             id: admitted.id,
             tool: "t".into(),
             command: "c".into(),
-            max_output_bytes: 1 << 20,
             record,
             pending: None,
             finished: false,
@@ -519,7 +514,6 @@ mod tests {
             id: admitted.id,
             tool: "t".into(),
             command: "c".into(),
-            max_output_bytes: 1 << 20,
             record,
             pending: None,
             finished: false,

@@ -10,8 +10,10 @@
 //!
 //! What is kept, per stream: the first `cap` bytes, converted to UTF-8 on
 //! the way in (each invalid sequence becomes U+FFFD, as
-//! `String::from_utf8_lossy` does, so the result's text needs no copy);
-//! the rest is counted and dropped. Events are derived from what is kept:
+//! `String::from_utf8_lossy` does, so the result's text needs no copy)
+//! and counted as the job result sends them, JSON-escaped (a newline
+//! takes two bytes, a control byte six: `\u0001`), so that the cap bounds
+//! the answer, not only what was read; the rest is counted and dropped. Events are derived from what is kept:
 //! one per line (newline stripped, a `\r` before it too), lines longer
 //! than [`MAX_LINE_BYTES`] split at a character boundary, a last partial
 //! line flushed when the stream ends or reaches its cap.

@@ -131,22 +131,6 @@ impl JobResult {
     }
 }
 
-impl JobResult {
-    /// Cuts stdout and stderr so that each takes at most `max` bytes as it
-    /// is sent, JSON-escaped (a control byte takes six: `\u0001`; an
-    /// invalid UTF-8 sequence three, as U+FFFD), at a character boundary,
-    /// and sets the stream's `*_truncated` flag when it cut. So the
-    /// per-stream cap bounds the answer, not only what was read.
-    pub fn limit_sent_output(&mut self, max: usize) {
-        if cut_to_sent_len(&mut self.stdout, max) {
-            self.stdout_truncated = true;
-        }
-        if cut_to_sent_len(&mut self.stderr, max) {
-            self.stderr_truncated = true;
-        }
-    }
-}
-
 /// How many bytes `byte` takes in a JSON string as serde_json writes it.
 fn sent_len(byte: u8) -> usize {
     match byte {
@@ -161,26 +145,26 @@ pub fn sent_text_len(text: &str) -> usize {
     text.bytes().map(sent_len).sum()
 }
 
-/// Cuts `text` to its longest prefix (at a character boundary) whose
-/// JSON-escaped length is at most `max`; returns whether it cut.
-fn cut_to_sent_len(text: &mut String, max: usize) -> bool {
-    // Nothing takes more than six bytes escaped.
-    if text.len().saturating_mul(6) <= max {
-        return false;
-    }
+/// The longest prefix of `text` (cut at a character boundary) whose
+/// JSON-escaped length is at most `max`: its length in bytes, and
+/// JSON-escaped. How a job's output is capped as it is kept
+/// (`run/output`), so that the cap bounds what is sent, not only what was
+/// read: a control byte takes six bytes in the answer (`\u0001`).
+pub fn sent_prefix(text: &str, max: usize) -> (usize, usize) {
     let mut sent = 0;
     for (i, byte) in text.bytes().enumerate() {
-        sent += sent_len(byte);
-        if sent > max {
+        let next = sent + sent_len(byte);
+        if next > max {
             let mut end = i;
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
-            text.truncate(end);
-            return true;
+            // The bytes of a cut character are not escaped: one each.
+            return (end, sent - (i - end));
         }
+        sent = next;
     }
-    false
+    (text.len(), sent)
 }
 
 /// A job as answered: its [`JobResult`] and that result serialized once
@@ -303,30 +287,26 @@ mod tests {
     }
 
     #[test]
-    fn output_is_capped_in_the_bytes_that_are_sent() {
+    fn the_sent_prefix_is_cut_in_the_bytes_that_are_sent() {
+        let controls = "\u{1}".repeat(1000);
+        assert_eq!(
+            sent_prefix(&controls, 100),
+            (16, 96),
+            "16 x 6 bytes fit in 100"
+        );
+        let text = "é".repeat(10) + "ab";
+        assert_eq!(sent_prefix(&text, 100), (22, 22), "22 bytes: all of it");
+        assert_eq!(sent_prefix(&text, 7), (6, 6), "cut at a character boundary");
+        assert_eq!(sent_prefix("a\nb", 2), (1, 1), "a newline takes two");
+        assert_eq!(sent_prefix("a\nb", 3), (2, 3));
         let mut r = JobResult::pending(Uuid::nil(), JobStatus::Completed, "t", "c", None, 0);
-        r.stdout = "\u{1}".repeat(1000);
-        r.stderr = "é".repeat(10) + "ab";
-        r.limit_sent_output(100);
-        assert_eq!(r.stdout, "\u{1}".repeat(16), "16 x 6 bytes fit in 100");
-        assert!(r.stdout_truncated);
-        assert_eq!(r.stderr, "é".repeat(10) + "ab", "22 bytes: untouched");
-        assert!(!r.stderr_truncated);
-        r.limit_sent_output(7);
-        assert_eq!(r.stderr, "ééé", "cut at a character boundary");
-        assert!(r.stderr_truncated);
+        r.stdout = "\u{1}".into();
+        r.stderr = "ééé".into();
         let view = JobView::new(Arc::new(r.clone()));
         // Stored: 1 + 6 bytes of text; sent: 6 + 6 bytes of JSON.
         assert_eq!(view.output_bytes(), (1 + 6) + (6 + 6));
         let parsed: JobResult = serde_json::from_slice(&view.json).unwrap();
         assert_eq!(parsed, r);
-        // The answer stays within the caps plus the envelope.
-        let mut big = JobResult::pending(Uuid::nil(), JobStatus::Completed, "t", "c", None, 0);
-        big.stdout = "\u{1}".repeat(1 << 20);
-        big.stderr = "\u{1}".repeat(1 << 20);
-        big.limit_sent_output(1 << 20);
-        let view = JobView::new(Arc::new(big));
-        assert!(view.json.len() <= (2 << 20) + 512, "{}", view.json.len());
     }
 
     #[test]

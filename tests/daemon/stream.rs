@@ -21,7 +21,7 @@ const STREAM_TOOLS: &str = r#"{
      "exec_parts": ["/bin/sh", "-c", "echo started; exec sleep 300"], "timeout": "5m"},
     {"name": "brief", "acl_cap": "example.com/cap/x",
      "exec_parts": ["/bin/sh", "-c", "echo started; exec sleep 300"], "timeout": "1s"},
-    {"name": "flood", "acl_cap": "example.com/cap/x", "max_output_bytes": 16777216,
+    {"name": "flood", "acl_cap": "example.com/cap/x", "max_output_bytes": 17825792,
      "exec_parts": ["/bin/sh", "-c", "yes 'a line of the flood, one of very many' | head -c 16777216"],
      "timeout": "5m"}
   ]

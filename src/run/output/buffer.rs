@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{MAX_LINE_BYTES, Pipe};
-use crate::run::result::JobResult;
+use crate::run::result::{JobResult, sent_prefix};
 
 #[derive(Debug)]
 pub(super) struct Buffer {
@@ -20,6 +20,9 @@ pub(super) struct Buffer {
     pub(super) pending: Vec<u8>,
     /// Index bytes attributed to this stream.
     pub(super) index_bytes: usize,
+    /// What the kept bytes take JSON-escaped, as a job result sends them:
+    /// what the cap counts.
+    pub(super) sent: usize,
 }
 
 #[derive(Debug)]
@@ -69,14 +72,16 @@ impl Buffer {
             truncated: false,
             pending: Vec::new(),
             index_bytes: 0,
+            sent: 0,
         }
     }
 
-    /// Bytes that may still be kept: the cap, less what is kept, less the
-    /// index bytes past the free allowance.
+    /// Bytes that may still be kept, counted as sent (JSON-escaped): the
+    /// cap, less what is kept, less the index bytes past the free
+    /// allowance.
     pub(super) fn room(&self, cap: usize) -> usize {
         let excess = self.index_bytes.saturating_sub(free_index_bytes(cap));
-        cap.saturating_sub(self.data.len() + excess)
+        cap.saturating_sub(self.sent + excess)
     }
 
     /// Keeps `input` (raw bytes, an incomplete UTF-8 sequence at its end
@@ -113,8 +118,9 @@ impl Buffer {
         }
     }
 
-    /// Keeps as much of `text` as fits, cut at a character boundary;
-    /// returns whether all of it did.
+    /// Keeps as much of `text` as fits, JSON-escaped, cut at a character
+    /// boundary; returns whether all of it did. A cut closes the stream:
+    /// what is kept stays a prefix of what was written.
     fn push_text(&mut self, text: &str, cap: usize) -> bool {
         let room = self.room(cap);
         let Data::Live(data) = &mut self.data else {
@@ -124,16 +130,14 @@ impl Buffer {
             self.truncated |= !text.is_empty();
             return false;
         }
-        let mut keep = text.len().min(room);
-        while !text.is_char_boundary(keep) {
-            keep -= 1;
-        }
+        let (keep, sent) = sent_prefix(text, room);
         reserve_within(data, keep, cap);
         data.extend_from_slice(&text.as_bytes()[..keep]);
+        self.sent += sent;
         if keep < text.len() {
             self.truncated = true;
         }
-        if keep == room {
+        if keep < text.len() || sent == room {
             // Full: what is kept is final, its last line can go out.
             self.closed = true;
             self.pending.clear();

@@ -1,6 +1,7 @@
 //! Unit tests of the job output buffer and its event sequence.
 
 use super::*;
+use crate::run::result::JobView;
 use serde_json::{Value, json};
 use std::time::Duration;
 use uuid::Uuid;
@@ -295,11 +296,12 @@ fn streams_interleave_in_arrival_order_with_one_index_entry_per_run() {
 
 #[test]
 fn the_cap_keeps_the_first_bytes_and_flushes_the_line_it_cuts() {
-    let output = running(10);
+    let output = running(11);
     output.write(Pipe::Stdout, "abc\ndefé".as_bytes());
     output.write(Pipe::Stdout, "ghijk\n".as_bytes());
     output.write(Pipe::Stdout, b"more\n");
-    // 4 + "defé" (5 bytes) = 9: one byte left, for the "g".
+    // "abc\n" as sent (the newline escaped takes two) + "defé" (5 bytes)
+    // = 10: one byte left, for the "g".
     assert_eq!(lines(&output), ["stdout:abc", "stdout:defég"]);
     output.seal(result_of(&output, JobStatus::Completed, 0));
     let (events, _) = read_all(&output, &mut Cursor::start());
@@ -317,6 +319,24 @@ fn the_cap_cuts_at_a_character_boundary() {
     assert_eq!(kept.data, "ab€".as_bytes());
     assert!(kept.truncated);
     assert_eq!(kept.total, 8);
+}
+
+#[test]
+fn the_cap_counts_the_bytes_a_result_sends() {
+    // A control byte takes six bytes in the JSON answer: `\u0001`.
+    let output = running(100);
+    output.write(Pipe::Stdout, &[1u8; 1000]);
+    let kept = output.take(Pipe::Stdout);
+    assert_eq!(kept.data, [1u8; 16], "16 x 6 bytes fit in 100");
+    assert!(kept.truncated);
+    // Whatever the output, the answer stays within the caps and its
+    // envelope.
+    let output = running(1 << 20);
+    output.write(Pipe::Stdout, &vec![1u8; 1 << 20]);
+    output.write(Pipe::Stderr, &vec![b'\n'; 1 << 20]);
+    let view = JobView::new(result_of(&output, JobStatus::Completed, 0));
+    assert!(view.json.len() <= (2 << 20) + 512, "{}", view.json.len());
+    assert!(view.stdout_truncated && view.stderr_truncated);
 }
 
 #[test]
