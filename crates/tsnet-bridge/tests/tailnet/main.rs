@@ -80,11 +80,24 @@ impl Net {
 /// each other's hang guards on a busy machine.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Runs a test body under the hang guard.
+/// Runs a test body under the hang guard. A body stuck in a blocking call
+/// never yields to the timer, so a watchdog thread ends the whole test
+/// process 30 s past the limit instead (once, a test here hung for 20
+/// minutes past its guard on a loaded machine).
 async fn guarded<F: Future<Output = ()>>(body: F) {
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            finished.recv_timeout(TEST_LIMIT + Duration::from_secs(30))
+        {
+            eprintln!("a tailnet test hung past its guard, stuck outside the runtime: exiting");
+            std::process::exit(101);
+        }
+    });
     tokio::time::timeout(TEST_LIMIT, body)
         .await
         .expect("test did not finish within its hang guard");
+    drop(done);
 }
 
 fn ipv4(node: &Node) -> IpAddr {
