@@ -9,8 +9,9 @@
 //! `tailkitd-launch` beside it) to compare two builds; `ATTACK_SCALE`
 //! (default 1) multiplies the request counts.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,11 +32,7 @@ const TOOL: &str = r#"{"name": "t", "version": "1", "commands": [
 ]}"#;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::block_on(run());
 }
 
 /// The daemon's memory: (VmRSS, VmHWM) in MiB.
@@ -81,13 +78,20 @@ async fn run() {
                 .expect("client node"),
         ));
     }
-    let tools = dir.path().join("tools");
-    std::fs::create_dir(&tools).expect("tools dir");
-    std::fs::write(tools.join("t.json"), TOOL).expect("tool file");
+    let tools = common::write_tools(dir.path(), "t.json", TOOL);
     // Each check meets a daemon of its own, so that none inherits what an
     // earlier one left behind.
     let start = async || {
-        let daemon = start_daemon(&bin, dir.path(), &localnet).await;
+        let daemon = common::Daemon::start(
+            &bin,
+            HOST,
+            &localnet,
+            &dir.path().join("daemon"),
+            &tools,
+            &[] as &[&str],
+            "tailkitd=error",
+        );
+        println!("{}", daemon.up);
         for p in &peers {
             let r = p
                 .call(HOST, Call::get(HOST, "/health"))
@@ -95,7 +99,7 @@ async fn run() {
                 .expect("health");
             assert_eq!(r.status, 200);
         }
-        show("at rest", daemon.0.id());
+        show("at rest", daemon.pid());
         daemon
     };
 
@@ -112,7 +116,7 @@ async fn run() {
         "\n1. slow readers: {PEERS} peers x {CONNS_PER_PEER} connections, {per_conn} pipelined GET /health each, never read"
     );
     let daemon = start().await;
-    let pid = daemon.0.id();
+    let pid = daemon.pid();
     let health: Bytes = format!("GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
         .repeat(per_conn)
         .into();
@@ -134,7 +138,7 @@ async fn run() {
         "\n2. pipelined GETs of a 1 MiB result: {PEERS} peers x {CONNS_PER_PEER} connections x {gets} GETs, never read"
     );
     let daemon = start().await;
-    let pid = daemon.0.id();
+    let pid = daemon.pid();
     let mut attack = Vec::new();
     for p in &peers[..PEERS] {
         let r = p
@@ -166,7 +170,7 @@ async fn run() {
     // 3. Amplification: 1 MiB of 0x01 bytes, fetched 60 times without reading.
     println!("\n3. amplification: a 1 MiB output of 0x01, 60 unread GETs from one peer");
     let daemon = start().await;
-    let pid = daemon.0.id();
+    let pid = daemon.pid();
     let p = &peers[0];
     let r = p
         .call(
@@ -190,39 +194,6 @@ async fn run() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     show("5 s after they closed", pid);
     drop(daemon);
-}
-
-/// Starts `bin run` as [`HOST`] and waits for its "up" line.
-async fn start_daemon(
-    bin: &std::path::Path,
-    dir: &std::path::Path,
-    localnet: &Localnet,
-) -> KillOnDrop {
-    let mut daemon = KillOnDrop(
-        Command::new(bin)
-            .args(["run", "--hostname", HOST, "--config", "/dev/null"])
-            .arg("--state-dir")
-            .arg(dir.join("daemon"))
-            .arg("--tools-dir")
-            .arg(dir.join("tools"))
-            .args(["--control-url", localnet.control_url()])
-            .env("TS_AUTHKEY", localnet.auth_key().unwrap_or_default())
-            .env("RUST_LOG", "tailkitd=error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("tailkitd run"),
-    );
-    let stdout = daemon.0.stdout.take().expect("stdout");
-    let up = tokio::task::spawn_blocking(move || {
-        std::io::BufRead::lines(std::io::BufReader::new(stdout))
-            .map_while(Result::ok)
-            .find(|l| l.starts_with("tailkitd up:"))
-    })
-    .await
-    .expect("reading the daemon's stdout")
-    .expect("the daemon came up");
-    println!("{up}");
-    daemon
 }
 
 static START: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
@@ -327,14 +298,4 @@ async fn keep_alive_after_silence(peer: Arc<Client>) -> String {
         }
     }
     "the same connection answered again after 65 s of silence".into()
-}
-
-/// Kills the daemon if the run panics half-way.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

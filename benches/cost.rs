@@ -22,8 +22,9 @@
 //! job counts (default 400); `COST_ONLY=runner` (or `e2e`) measures only
 //! the floors and that part.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -31,7 +32,6 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use tailkitd::client::Call;
 use tailkitd::demo::Client;
 use tailkitd::run::runner::{RunEnd, RunSpec, RunnerSettings};
 use tailkitd::run::{CgroupSetting, ExecSettings, Runner};
@@ -270,54 +270,21 @@ async fn end_to_end(n: usize, floor1: Duration, floor16: f64) {
         .await
         .expect("client node");
     localnet.grant(&alice.ips, CAP).await.expect("grant");
-    let tools = dir.path().join("tools");
-    std::fs::create_dir(&tools).expect("tools dir");
-    std::fs::write(tools.join("t.json"), TOOL).expect("tool file");
+    let tools = common::write_tools(dir.path(), "t.json", TOOL);
     let cgroup = std::env::var("COST_CGROUP").unwrap_or_else(|_| "auto".into());
     let bin =
         std::env::var("TAILKITD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tailkitd").into());
-    let mut daemon = KillOnDrop(
-        Command::new(&bin)
-            .args([
-                "run",
-                "--hostname",
-                HOST,
-                "--config",
-                "/dev/null",
-                "--max-jobs",
-                "64",
-            ])
-            .arg("--state-dir")
-            .arg(dir.path().join("daemon"))
-            .arg("--tools-dir")
-            .arg(&tools)
-            .args(["--control-url", localnet.control_url()])
-            .args(["--cgroup", &cgroup])
-            .env("TS_AUTHKEY", localnet.auth_key().unwrap_or_default())
-            .env("RUST_LOG", "tailkitd=warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("tailkitd run"),
+    let daemon = common::Daemon::start(
+        &bin,
+        HOST,
+        &localnet,
+        &dir.path().join("daemon"),
+        &tools,
+        &["--max-jobs", "64", "--cgroup", &cgroup],
+        "tailkitd=warn",
     );
-    let pid = daemon.0.id();
-    let stdout = daemon.0.stdout.take().expect("stdout");
-    BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("tailkitd up:"))
-        .expect("the daemon came up");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = alice
-            .call(HOST, Call::get(HOST, "/tools"))
-            .await
-            .expect("GET /tools");
-        if r.text.contains("\"true\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "grant never arrived");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let pid = daemon.pid();
+    common::wait_for_grant(&alice, HOST, "true").await;
     let mut conn = Conn::open(&alice.node).await;
     for _ in 0..20 {
         conn.post_wait().await;
@@ -377,23 +344,9 @@ async fn end_to_end(n: usize, floor1: Duration, floor16: f64) {
     println!(
         "  CPU per job, one caller: daemon's own {daemon_cpu:.3} ms; daemon and everything under it {all_cpu:.3} ms"
     );
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = daemon.0.wait();
+    daemon.terminate();
     let _ = alice.node.shutdown().await;
     let _ = localnet.close().await;
-}
-
-/// Kills the daemon if the bench panics half-way.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// One kept-alive HTTP/1.1 connection to the daemon.

@@ -6,9 +6,10 @@
 //!
 //! Run inside a loopback-only namespace (`scripts/bench fanout`).
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tsnet_bridge::Localnet;
@@ -24,11 +25,7 @@ const TOOL: &str = r#"{"name": "t", "version": "1", "commands": [
 ]}"#;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::block_on(run());
 }
 
 async fn run() {
@@ -38,37 +35,25 @@ async fn run() {
         .map(|i| IpAddr::V4(Ipv4Addr::new(100, 64, 0, i)))
         .collect();
     localnet.grant(&everyone, CAP).await.expect("grant");
-    let tools = dir.path().join("tools");
-    std::fs::create_dir(&tools).expect("tools dir");
-    std::fs::write(tools.join("t.json"), TOOL).expect("tool file");
+    let tools = common::write_tools(dir.path(), "t.json", TOOL);
 
     let started = Instant::now();
-    let mut daemons: Vec<KillOnDrop> = (0..DAEMONS)
+    let mut daemons: Vec<common::Daemon> = (0..DAEMONS)
         .map(|i| {
             let name = format!("tailkitd-{i:02}");
-            KillOnDrop(
-                Command::new(env!("CARGO_BIN_EXE_tailkitd"))
-                    .args(["run", "--hostname", &name, "--config", "/dev/null"])
-                    .arg("--state-dir")
-                    .arg(dir.path().join(&name))
-                    .arg("--tools-dir")
-                    .arg(&tools)
-                    .args(["--control-url", localnet.control_url()])
-                    .env("TS_AUTHKEY", localnet.auth_key().unwrap_or_default())
-                    .env("RUST_LOG", "tailkitd=warn")
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .expect("tailkitd run"),
+            common::Daemon::spawn(
+                env!("CARGO_BIN_EXE_tailkitd"),
+                &name,
+                &localnet,
+                &dir.path().join(&name),
+                &tools,
+                &[] as &[&str],
+                "tailkitd=warn",
             )
         })
         .collect();
     for d in &mut daemons {
-        let stdout = d.0.stdout.take().expect("stdout");
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find(|l| l.starts_with("tailkitd up:"))
-            .expect("the daemon came up");
+        d.wait_up();
     }
     eprintln!("{DAEMONS} daemons up in {:.1?}", started.elapsed());
 
@@ -145,15 +130,5 @@ fn measure(mut cmd: Command) -> (Duration, u64) {
             peak = kib;
         }
         std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Kills a daemon when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

@@ -6,8 +6,8 @@
 //!
 //! Run inside a loopback-only namespace (`scripts/bench roundtrip`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,11 +27,7 @@ const TOOL: &str = r#"{"name": "t", "version": "1", "commands": [
 ]}"#;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::block_on(run());
 }
 
 async fn run() {
@@ -42,44 +38,18 @@ async fn run() {
         .expect("client node");
     localnet.grant(&alice.ips, CAP).await.expect("grant");
 
-    let tools = dir.path().join("tools");
-    std::fs::create_dir(&tools).expect("tools dir");
-    std::fs::write(tools.join("t.json"), TOOL).expect("tool file");
-    let mut daemon = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_tailkitd"))
-            .args(["run", "--hostname", HOST, "--config", "/dev/null"])
-            .arg("--state-dir")
-            .arg(dir.path().join("daemon"))
-            .arg("--tools-dir")
-            .arg(&tools)
-            .args(["--control-url", localnet.control_url()])
-            .env("TS_AUTHKEY", localnet.auth_key().unwrap_or_default())
-            .env("RUST_LOG", "tailkitd=warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("tailkitd run"),
+    let tools = common::write_tools(dir.path(), "t.json", TOOL);
+    let daemon = common::Daemon::start(
+        env!("CARGO_BIN_EXE_tailkitd"),
+        HOST,
+        &localnet,
+        &dir.path().join("daemon"),
+        &tools,
+        &[] as &[&str],
+        "tailkitd=warn",
     );
-    let stdout = daemon.0.stdout.take().expect("stdout");
-    let up = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("tailkitd up:"))
-        .expect("the daemon came up");
-    eprintln!("{up}");
-
-    // Wait for the grant to reach the daemon.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = alice
-            .call(HOST, Call::get(HOST, "/tools"))
-            .await
-            .expect("GET /tools");
-        if r.text.contains("\"true\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "grant never arrived");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eprintln!("{}", daemon.up);
+    common::wait_for_grant(&alice, HOST, "true").await;
 
     let mut fresh = Vec::with_capacity(CALLS);
     for i in 0..WARMUP + CALLS {
@@ -105,23 +75,9 @@ async fn run() {
     let mut kept = kept;
     report("one kept-alive connection", &mut kept);
 
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = daemon.0.wait();
+    daemon.terminate();
     let _ = alice.node.shutdown().await;
     let _ = localnet.close().await;
-}
-
-/// Kills the daemon if the bench panics half-way.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The same calls over one HTTP/1.1 connection.

@@ -12,8 +12,8 @@
 //!
 //! Run inside a loopback-only namespace (`scripts/bench stream`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,11 +42,7 @@ const TOOL: &str = r#"{"name": "s", "version": "1", "commands": [
 ]}"#;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::block_on(run());
 }
 
 async fn run() {
@@ -57,30 +53,17 @@ async fn run() {
         .expect("client node");
     localnet.grant(&alice.ips, CAP).await.expect("grant");
 
-    let tools = dir.path().join("tools");
-    std::fs::create_dir(&tools).expect("tools dir");
-    std::fs::write(tools.join("s.json"), TOOL).expect("tool file");
-    let mut daemon = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_tailkitd"))
-            .args(["run", "--hostname", HOST, "--config", "/dev/null"])
-            .args(["--max-streams-per-peer", "200"])
-            .arg("--state-dir")
-            .arg(dir.path().join("daemon"))
-            .arg("--tools-dir")
-            .arg(&tools)
-            .args(["--control-url", localnet.control_url()])
-            .env("TS_AUTHKEY", localnet.auth_key().unwrap_or_default())
-            .env("RUST_LOG", "tailkitd=warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("tailkitd run"),
+    let tools = common::write_tools(dir.path(), "s.json", TOOL);
+    let daemon = common::Daemon::start(
+        env!("CARGO_BIN_EXE_tailkitd"),
+        HOST,
+        &localnet,
+        &dir.path().join("daemon"),
+        &tools,
+        &["--max-streams-per-peer", "200"],
+        "tailkitd=warn",
     );
-    let stdout = daemon.0.stdout.take().expect("stdout");
-    let up = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("tailkitd up:"))
-        .expect("the daemon came up");
+    let up = daemon.up.clone();
     eprintln!("{up}");
     // The daemon's addresses: one peer address may hold 64 connections, so
     // the readers come over both of alice's (IPv4 and IPv6).
@@ -95,21 +78,10 @@ async fn run() {
         })
         .collect();
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = alice
-            .call(HOST, Call::get(HOST, "/tools"))
-            .await
-            .expect("GET /tools");
-        if r.text.contains("\"clock\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "grant never arrived");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_grant(&alice, HOST, "clock").await;
 
     latency(&alice).await;
-    let pid = daemon.0.id();
+    let pid = daemon.pid();
     let alone = fan_out(&alice, &ips, pid, 0, false, dir.path()).await;
     let stalled = fan_out(&alice, &ips, pid, READERS, true, dir.path()).await;
     let followed = fan_out(&alice, &ips, pid, READERS, false, dir.path()).await;
@@ -117,11 +89,7 @@ async fn run() {
         "the command's run time: {alone} ms alone, {stalled} ms with {READERS} stalled readers, {followed} ms followed by {READERS} readers"
     );
 
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = daemon.0.wait();
+    daemon.terminate();
     let _ = alice.node.shutdown().await;
     let _ = localnet.close().await;
 }
@@ -318,14 +286,4 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// Kills the daemon if the bench panics half-way.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
