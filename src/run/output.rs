@@ -421,6 +421,22 @@ impl JobOutput {
         self.notify();
     }
 
+    /// The job's result left the store (its TTL, the count cap or the
+    /// output budget): the output it shares with the result is let go, so
+    /// that a stream still open on the job holds no memory outside the
+    /// budget. A reader that still needs its lines is told that the output
+    /// is no longer available; the terminal events stay readable.
+    pub fn expire(&self) {
+        let mut log = self.write_log();
+        for buffer in &mut log.pipes {
+            if matches!(buffer.data, Data::Shared(..)) {
+                buffer.data = Data::Lost;
+            }
+        }
+        drop(log);
+        self.notify();
+    }
+
     /// Changes readers wait for: a new value means there may be new
     /// events (or the end).
     pub fn subscribe(&self) -> watch::Receiver<u64> {

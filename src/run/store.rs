@@ -427,6 +427,8 @@ impl State {
         let job = self.jobs.remove(&id)?;
         if job.result.is_some() {
             self.output_bytes -= job.retained;
+            // Streams still open on it must not keep its output alive.
+            job.output.expire();
         }
         Some(job)
     }
@@ -690,6 +692,27 @@ mod tests {
         assert_eq!(output_bytes_held(&store), 80);
         let still = store.get(running.id, &alice()).unwrap();
         assert_eq!(still.status, JobStatus::Running, "running jobs stay");
+    }
+
+    #[tokio::test]
+    async fn an_evicted_job_lets_the_output_its_streams_hold_go() {
+        use crate::run::output::{Cursor, Pipe, ReadState};
+        let store = JobStore::new(budget_limits());
+        let j = store.admit(alice().owner(), "t", "c").unwrap();
+        j.output.enter_running();
+        j.output.write(Pipe::Stdout, "o\n".repeat(20).as_bytes());
+        let mut result = done(j.id, JobStatus::Completed);
+        result.stdout = String::from_utf8(j.output.take(Pipe::Stdout).data).unwrap();
+        result.stderr = String::from_utf8(j.output.take(Pipe::Stderr).data).unwrap();
+        store.finish(j.id, result);
+        // A stream open on it holds `j.output`; later jobs evict it.
+        let reads_all = |output: &JobOutput| output.read(&mut Cursor::start(), |_, _| true);
+        assert_eq!(reads_all(&j.output), ReadState::Ended);
+        finish_with_output(&store, 90);
+        assert!(store.get(j.id, &alice()).is_none());
+        assert!(
+            matches!(reads_all(&j.output), ReadState::Failed(e) if e.contains("no longer available"))
+        );
     }
 
     #[tokio::test]

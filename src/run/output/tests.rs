@@ -458,6 +458,33 @@ fn a_result_without_the_taken_output_ends_readers_with_an_error() {
 }
 
 #[test]
+fn an_expired_job_lets_its_output_go_and_fails_readers_that_still_need_it() {
+    let output = running(1 << 20);
+    output.write(Pipe::Stdout, b"one\ntwo\n");
+    let result = result_of(&output, JobStatus::Completed, 0);
+    output.seal(Arc::clone(&result));
+    assert_eq!(Arc::strong_count(&result), 3, "both pipes share the result");
+    // A reader that got the first events, then the store lets the job go.
+    let mut cursor = Cursor::start();
+    let mut read = 0;
+    output.read(&mut cursor, |_, _| {
+        read += 1;
+        read < 2
+    });
+    output.expire();
+    assert_eq!(Arc::strong_count(&result), 1, "the output still holds it");
+    let (events, state) = read_all(&output, &mut cursor);
+    assert!(events.is_empty(), "{events:?}");
+    assert!(matches!(state, ReadState::Failed(e) if e.contains("no longer available")));
+    // One past its lines only needs the terminal events.
+    let mut late = Cursor::after(4);
+    let (events, state) = read_all(&output, &mut late);
+    let names: Vec<&str> = events.iter().map(|(_, n, _)| n.as_str()).collect();
+    assert_eq!(names, ["job.status", "job.completed"], "{events:?}");
+    assert_eq!(state, ReadState::Ended);
+}
+
+#[test]
 fn an_aborted_job_fails_its_readers() {
     let output = JobOutput::new(1 << 20);
     output.abort("the job's acceptance could not be recorded");
