@@ -219,3 +219,137 @@ async fn a_launcher_waits_without_spinning_with_cgroups() {
         eprintln!("skipped: no job cgroups here");
     }
 }
+
+/// Finds the command's launcher as [`PROBE`] does, into `$p`.
+const FIND_LAUNCHER: &str = r#"p=$(cut -d' ' -f4 /proc/$$/stat)
+while grep -q spawn-as /proc/$p/cmdline 2>/dev/null; do sleep 0.01; p=$(cut -d' ' -f4 /proc/$$/stat); done
+echo "launcher $p""#;
+
+/// A job that changes its launcher's settings from outside (as a command
+/// of the launcher's user can: `$PPID`), then jobs that print theirs: none
+/// inherits the change, and none runs in that launcher again.
+async fn settings_stay(cgroup: CgroupSetting) {
+    let tamper = format!(
+        "{FIND_LAUNCHER}
+prlimit --pid $p --fsize=1:1 && renice -n 15 -p $p >/dev/null && taskset -p 1 $p >/dev/null && echo 900 > /proc/$p/oom_score_adj && echo tampered"
+    );
+    let show = format!(
+        "{FIND_LAUNCHER}
+echo \"fsize $(ulimit -f)\"
+echo \"nice $(cut -d' ' -f19 /proc/$$/stat)\"
+echo \"cpus $(grep Cpus_allowed_list /proc/$$/status)\"
+echo \"oom $(cat /proc/$$/oom_score_adj)\""
+    );
+    let tool = json!({"name": "t", "commands": [
+        {"name": "tamper", "exec_parts": ["/bin/sh", "-c", tamper], "timeout": "30s"},
+        {"name": "show", "exec_parts": ["/bin/sh", "-c", show], "timeout": "30s"},
+    ]});
+    let d = Stack::new(
+        &[("t.json", &tool.to_string())],
+        ExecSettings {
+            cgroup,
+            ..settings()
+        },
+    );
+    let settings = |v: &Value| {
+        ["fsize", "nice", "cpus", "oom"]
+            .map(|key| field(v, key))
+            .join(" / ")
+    };
+    let fresh = call(&d, "show").await;
+    let expected = settings(&fresh);
+    assert!(expected.starts_with("unlimited / 0 / "), "{fresh}");
+    for _ in 0..3 {
+        let tamper = call(&d, "tamper").await;
+        assert!(tamper["stdout"].as_str().unwrap().contains("tampered"), "{tamper}");
+        let tampered = field(&tamper, "launcher");
+        for _ in 0..3 {
+            let v = call(&d, "show").await;
+            assert_eq!(settings(&v), expected, "after {tamper}: {v}");
+            assert_ne!(field(&v, "launcher"), tampered, "{v}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_launcher_whose_settings_its_command_changed_is_not_reused_without_cgroups() {
+    settings_stay(CgroupSetting::Off).await;
+}
+
+#[tokio::test]
+async fn a_launcher_whose_settings_its_command_changed_is_not_reused_with_cgroups() {
+    if CgroupSetting::Auto.resolve().is_ok() {
+        settings_stay(CgroupSetting::Auto).await;
+    } else {
+        eprintln!("skipped: no job cgroups here");
+    }
+}
+
+/// The cgroup v2 directory of the shell (`$cg`), on the first cgroup2
+/// mount (whose root is the file system's).
+const OWN_CGROUP: &str = r#"m=$(grep -m1 ' - cgroup2 ' /proc/self/mountinfo | cut -d' ' -f5)
+cg=$m$(sed -n 's/^0:://p' /proc/self/cgroup)"#;
+
+/// With job cgroups: a job moves a `setsid`'d process into the cgroup its
+/// launcher made for the next job, and ends. That process does not outlive
+/// the job for long, and the jobs after run in cgroups of their own.
+#[tokio::test]
+async fn a_process_moved_into_the_next_jobs_cgroup_does_not_stay() {
+    if let Err(reason) = CgroupSetting::Auto.resolve() {
+        eprintln!("skipped: no job cgroups here ({reason})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let squat = format!(
+        r#"{OWN_CGROUP}
+name=${{cg##*/}}
+next=${{cg%/*}}/${{name%.*}}.$((${{name##*.}} + 1))
+while [ ! -e "$next/cgroup.procs" ]; do sleep 0.01; done
+setsid sh -c 'echo $$ > "$1/cgroup.procs" && echo $$ > "$2/pid"; exec sleep 300' sh "$next" "$1" >/dev/null 2>&1 &
+while [ ! -s "$1/pid" ]; do sleep 0.01; done
+echo "next $next""#
+    );
+    // Builtins only, after `$cg`: the shell is the cgroup's one process
+    // (its launcher may not have moved on yet).
+    let members = format!(
+        r#"{OWN_CGROUP}
+echo "self $$"
+echo "cgroup $cg"
+name=${{cg##*/}}
+echo "launcher ${{name%.*}}"
+while read -r q; do echo "member $q"; done < "$cg/cgroup.procs""#
+    );
+    let tool = json!({"name": "t", "commands": [
+        {"name": "squat", "exec_parts": ["/bin/sh", "-c", squat, "sh", dir.path().display().to_string()], "timeout": "30s"},
+        {"name": "members", "exec_parts": ["/bin/sh", "-c", members], "timeout": "30s"},
+    ]});
+    let d = Stack::new(
+        &[("t.json", &tool.to_string())],
+        ExecSettings {
+            cgroup: CgroupSetting::Auto,
+            ..settings()
+        },
+    );
+    let pid_file = dir.path().join("pid");
+    for _ in 0..3 {
+        let squat = call(&d, "squat").await;
+        let squatter = pids(&std::fs::read_to_string(&pid_file).unwrap())[0];
+        std::fs::remove_file(&pid_file).unwrap();
+        let _cleanup = KillOnDrop(vec![squatter]);
+        for _ in 0..3 {
+            let v = call(&d, "members").await;
+            let out = v["stdout"].as_str().unwrap();
+            let launcher = field(&v, "launcher");
+            let members: Vec<&str> = out
+                .lines()
+                .filter_map(|l| l.strip_prefix("member "))
+                .filter(|m| *m != launcher)
+                .collect();
+            assert_eq!(members, [field(&v, "self")], "after {squat}: {v}");
+        }
+        eventually(LONG, "the process moved into the next job's cgroup to die", || {
+            process_gone(squatter)
+        })
+        .await;
+    }
+}

@@ -65,6 +65,10 @@ use crate::command::{CommandSpec, Stdio, holds_inheritable_caps, spawn_command};
 pub const LAUNCH_FAILED: i32 = 125;
 /// Exit code of a launcher whose sweep gave up.
 pub const SWEEP_GAVE_UP: i32 = 1;
+/// Exit code of a ready launcher that is not fit for another job (a
+/// process of the last one left, or its settings changed): its supervisor
+/// kills its orphans and its cgroups.
+pub const NOT_REUSABLE: i32 = 2;
 
 /// Runs the launcher with `args` (after the executable's name) and returns
 /// the code to exit with (0 once the job is over, 1 if a sweep gave up, 125
@@ -137,6 +141,11 @@ pub fn prepare(parent: i32) -> Result<Option<SignalFd>, Status> {
     let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| failed("signalfd", e))?;
     prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| failed("PR_SET_PDEATHSIG", e))?;
+    // Not dumpable: a command of the same user can neither ptrace this
+    // process nor read its memory (other jobs' messages), and its /proc
+    // files (`oom_score_adj`...) belong to root. Its commands are dumpable
+    // again: `execve` resets it.
+    prctl::set_dumpable(false).map_err(|e| failed("PR_SET_DUMPABLE", e))?;
     // The parent may have died between fork and prctl: then the signal will
     // never come, and nothing must start.
     if getppid().as_raw() != parent {

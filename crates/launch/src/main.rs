@@ -24,6 +24,7 @@ mod control;
 mod launcher;
 mod launchers;
 mod ready;
+mod settings;
 mod supervisor;
 
 use std::ffi::OsString;

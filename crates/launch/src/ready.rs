@@ -22,8 +22,15 @@
 //!
 //! Once the job is over and nothing of it is left, it says `ready` on the
 //! control socket, closes the job's status socket, removes the job's
-//! cgroup and waits for the next. It exits at the end of the control socket, when its parent dies,
-//! and after a sweep that gave up.
+//! cgroup and waits for the next. It exits at the end of the control
+//! socket, when its parent dies, and after a sweep that gave up; and,
+//! instead of saying `ready`, when it is not fit for another job
+//! ([`Jobs::fit`]): a child left (a process of the job that moved itself
+//! out of the job's cgroup), anything but itself in the next job's
+//! cgroup, or its [settings](crate::settings) changed since it started (a
+//! command of the same user reached it through `$PPID`). Its supervisor
+//! then kills what is left (its orphans, its cgroups) and the next job
+//! gets another launcher.
 
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
@@ -42,7 +49,10 @@ use tailkitd_launch::{JobRequest, LAUNCHER_NAME, MAX_JOB_MESSAGE, Status};
 use crate::cgroup::{self, Parking};
 use crate::command::{CommandSpec, Stdio, holds_inheritable_caps, spawn_command};
 use crate::control::{self, Received};
-use crate::launcher::{End, JobCgroup, LAUNCH_FAILED, Launcher, SWEEP_GAVE_UP, open_fds, prepare};
+use crate::launcher::{
+    End, JobCgroup, LAUNCH_FAILED, Launcher, NOT_REUSABLE, SWEEP_GAVE_UP, open_fds, prepare,
+};
+use crate::settings::Settings;
 
 /// Runs a ready launcher with `args` (after `ready`); returns the exit code.
 pub fn ready(args: &[OsString]) -> i32 {
@@ -79,6 +89,7 @@ pub fn ready(args: &[OsString]) -> i32 {
         }
     };
     let mut jobs = Jobs {
+        settings: Settings::read(parking.is_none()),
         parent: Pid::from_raw(parent),
         signals,
         helper,
@@ -118,11 +129,14 @@ pub fn ready(args: &[OsString]) -> i32 {
         // finds this launcher back in the pool rather than starting
         // another. The job is over already; what follows only tidies up,
         // before the next job is read.
+        let unfit = done.end == End::Clean && jobs.unfit();
         let ready = done.end == End::Clean
+            && !unfit
             && rustix::net::send(&control, b"ready", rustix::net::SendFlags::NOSIGNAL).is_ok();
         drop(done.socket);
         match done.end {
             End::Clean if ready => {}
+            End::Clean if unfit => return NOT_REUSABLE,
             End::Clean | End::ParentGone => return 0,
             End::GaveUp => return SWEEP_GAVE_UP,
         }
@@ -142,6 +156,8 @@ struct Done {
 
 /// What a ready launcher keeps from one job to the next.
 struct Jobs {
+    /// Its settings when it started, for every job.
+    settings: Settings,
     parent: Pid,
     signals: SignalFd,
     helper: PathBuf,
@@ -154,6 +170,49 @@ struct Jobs {
 }
 
 impl Jobs {
+    /// Whether this launcher is unfit for another job (see [`Jobs::fit`]);
+    /// says why on stderr.
+    fn unfit(&mut self) -> bool {
+        match self.fit() {
+            Ok(()) => false,
+            Err(why) => {
+                eprintln!("{LAUNCHER_NAME} ready: not reused: {why}");
+                true
+            }
+        }
+    }
+
+    /// Checks, once a job is over, that this launcher may take another:
+    /// no child left (ended ones, a `spawn-as` helper, are reaped), nothing
+    /// but itself in the next job's cgroup, and its settings as they were
+    /// when it started. A few system calls and two small reads.
+    fn fit(&mut self) -> Result<(), String> {
+        loop {
+            match rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG) {
+                Ok(Some(_)) | Err(rustix::io::Errno::INTR) => {}
+                Ok(None) => return Err("a process of its last job is still its child".into()),
+                // ECHILD: no child at all.
+                Err(_) => break,
+            }
+        }
+        if let Some((_, dir)) = self.parking.as_ref().and_then(Parking::here) {
+            let procs = cgroup::procs(dir);
+            if procs != [std::process::id() as i32] {
+                return Err(format!(
+                    "the next job's cgroup {} holds {procs:?}, not this launcher alone",
+                    dir.display()
+                ));
+            }
+        }
+        let changes = self
+            .settings
+            .changes(&Settings::read(self.parking.is_none()));
+        if !changes.is_empty() {
+            return Err(format!("its {} changed", changes.join(", ")));
+        }
+        Ok(())
+    }
+
     /// Waits for the next job message; `None` at the end of the control
     /// socket or when the parent is gone.
     fn next(

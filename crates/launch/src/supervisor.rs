@@ -144,6 +144,11 @@ impl Supervisor {
             SignalFd::with_flags(&blocked, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
                 .map_err(|e| format!("signalfd: {e}"))?;
         prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+        // Not dumpable: no command of the same user may ptrace it, read
+        // its memory (the job messages of every peer) or write its /proc
+        // files (`oom_score_adj`); launchers start dumpable (`execve`)
+        // and do the same.
+        prctl::set_dumpable(false).map_err(|e| format!("PR_SET_DUMPABLE: {e}"))?;
         if getppid() != options.parent {
             return Ok(None);
         }
