@@ -3,7 +3,8 @@
 //! started with (not the Go runtime's raised limit, not the ignored signals
 //! of whoever started it), and, run as another user, nothing of the
 //! daemon's (its signals, environment, state dir, audit log); run as the
-//! daemon's own user, still not its memory or environment.
+//! daemon's own user, still not its memory or environment, nor those of
+//! its supervisor and launcher (nor their `oom_score_adj`).
 
 use super::*;
 
@@ -17,7 +18,7 @@ const ISOLATION_TOOLS: &str = r#"{
      "exec_parts": ["/bin/sh", "-c", "id -u\nkill -0 \"$1\" 2>/dev/null && echo signalled-the-daemon\nfor p in $(pgrep -u 0 -x tailkitd-launch); do kill -0 \"$p\" 2>/dev/null && echo signalled-tailkitd-launch; done\ncat \"/proc/$1/environ\" >/dev/null 2>&1 && echo read-the-environ\nls \"$2\" >/dev/null 2>&1 && echo listed-the-state-dir\ncat \"$3\" >/dev/null 2>&1 && echo read-the-audit-log\n(echo x >> \"$3\") 2>/dev/null && echo wrote-the-audit-log\necho end", "sh", "{{.pid}}", "{{.state}}", "{{.audit}}"],
      "args": [{"name": "pid", "type": "int"}, {"name": "state"}, {"name": "audit"}]},
     {"name": "peek", "acl_cap": "example.com/cap/x",
-     "exec_parts": ["/bin/sh", "-c", "id -u\nsleep 30 &\ncat \"/proc/$!/environ\" >/dev/null 2>&1 && echo read-a-siblings-environ\n(exec 3<\"/proc/$!/mem\") 2>/dev/null && echo opened-a-siblings-memory\nkill $!\ncat \"/proc/$1/environ\" >/dev/null 2>&1 && echo read-the-daemons-environ\n(exec 3<\"/proc/$1/mem\") 2>/dev/null && echo opened-the-daemons-memory\necho end", "sh", "{{.pid}}"],
+     "exec_parts": ["/bin/sh", "-c", "id -u\nsleep 30 &\ncat \"/proc/$!/environ\" >/dev/null 2>&1 && echo read-a-siblings-environ\n(exec 3<\"/proc/$!/mem\") 2>/dev/null && echo opened-a-siblings-memory\nkill $!\ncat \"/proc/$1/environ\" >/dev/null 2>&1 && echo read-the-daemons-environ\n(exec 3<\"/proc/$1/mem\") 2>/dev/null && echo opened-the-daemons-memory\nl=$PPID; s=$(cut -d' ' -f4 /proc/$l/stat)\n[ \"$(cat /proc/$l/comm /proc/$s/comm)\" = \"$(printf 'tailkitd-launch\\ntailkitd-launch')\" ] || echo no-launcher-and-supervisor-above\ncat \"/proc/$l/environ\" >/dev/null 2>&1 && echo read-the-launchers-environ\n(exec 3<\"/proc/$l/mem\") 2>/dev/null && echo opened-the-launchers-memory\n(exec 3<\"/proc/$s/mem\") 2>/dev/null && echo opened-the-supervisors-memory\n(echo 900 > \"/proc/$l/oom_score_adj\") 2>/dev/null && echo adjusted-the-launchers-oom-score\n(echo 900 > \"/proc/$s/oom_score_adj\") 2>/dev/null && echo adjusted-the-supervisors-oom-score\necho end", "sh", "{{.pid}}"],
      "args": [{"name": "pid", "type": "int"}]}
   ]
 }"#;
@@ -151,7 +152,8 @@ async fn a_command_of_the_daemons_own_user_cannot_read_its_memory() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json["status"], "completed", "{}", r.text);
-    // Another process of that user is open to it; the daemon is not.
+    // Another process of that user is open to it; the daemon, its
+    // supervisor and its launcher are not.
     assert_eq!(
         r.json["stdout"], "65534\nread-a-siblings-environ\nopened-a-siblings-memory\nend\n",
         "{}",
