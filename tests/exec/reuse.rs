@@ -261,7 +261,10 @@ echo \"oom $(cat /proc/$$/oom_score_adj)\""
     assert!(expected.starts_with("unlimited / 0 / "), "{fresh}");
     for _ in 0..3 {
         let tamper = call(&d, "tamper").await;
-        assert!(tamper["stdout"].as_str().unwrap().contains("tampered"), "{tamper}");
+        assert!(
+            tamper["stdout"].as_str().unwrap().contains("tampered"),
+            "{tamper}"
+        );
         let tampered = field(&tamper, "launcher");
         for _ in 0..3 {
             let v = call(&d, "show").await;
@@ -347,9 +350,11 @@ while read -r q; do echo "member $q"; done < "$cg/cgroup.procs""#
                 .collect();
             assert_eq!(members, [field(&v, "self")], "after {squat}: {v}");
         }
-        eventually(LONG, "the process moved into the next job's cgroup to die", || {
-            process_gone(squatter)
-        })
+        eventually(
+            LONG,
+            "the process moved into the next job's cgroup to die",
+            || process_gone(squatter),
+        )
         .await;
     }
 }

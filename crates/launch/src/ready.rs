@@ -37,6 +37,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -185,11 +186,17 @@ impl Jobs {
     /// Checks, once a job is over, that this launcher may take another:
     /// no child left (ended ones, a `spawn-as` helper, are reaped), nothing
     /// but itself in the next job's cgroup, and its settings as they were
-    /// when it started. A few system calls and two small reads.
+    /// when it started. A few system calls and three small reads.
     fn fit(&mut self) -> Result<(), String> {
+        // The helper of a `spawn-as` that reported an error may still be on
+        // its way out: a moment for it.
+        let deadline = Instant::now() + Duration::from_millis(100);
         loop {
             match rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG) {
                 Ok(Some(_)) | Err(rustix::io::Errno::INTR) => {}
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 Ok(None) => return Err("a process of its last job is still its child".into()),
                 // ECHILD: no child at all.
                 Err(_) => break,

@@ -76,7 +76,6 @@ impl Settings {
         }
     }
 
-
     /// What differs in `now` from these settings (empty if nothing).
     pub fn changes(&self, now: &Settings) -> Vec<&'static str> {
         let mut changed = Vec::new();
