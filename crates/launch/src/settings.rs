@@ -4,9 +4,9 @@
 //! (`sched_setscheduler`), CPU affinity (`sched_setaffinity`), OOM score
 //! adjustment (`/proc/PID/oom_score_adj`, when it may write it) and cgroup
 //! (a `cgroup.procs` it may write). A ready launcher records them when it
-//! starts and compares before each job: one whose settings changed (a
-//! command of the daemon's own user reached its launcher through `$PPID`)
-//! is not reused ([`crate::ready`]).
+//! starts and compares when each job is over: one whose settings changed
+//! (a command of its user reached it through `$PPID`) is not reused
+//! ([`crate::ready`]).
 //!
 //! The I/O priority (`ioprio_set`) is not compared: nothing reads it
 //! without a raw system call.
