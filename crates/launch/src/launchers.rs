@@ -107,6 +107,7 @@ impl Launchers {
         }
         let pid = self.start_for(request, fds)?;
         self.all.insert(pid.as_raw());
+        announce(&fds[0], pid);
         Ok(pid)
     }
 
@@ -127,6 +128,9 @@ impl Launchers {
                 }
                 None => return None,
             };
+            // Said before the launcher has the job, so that the daemon
+            // knows whom to kill before any line of the launcher's.
+            announce(&fds[0], ready.pid);
             match control::send(&ready.control, &message, borrowed) {
                 Ok(()) => {
                     let pid = ready.pid;
@@ -367,4 +371,12 @@ fn set_soft_nofile(soft: u64) -> Option<rustix::process::Rlimit> {
     };
     setrlimit(Resource::Nofile, lowered).ok()?;
     Some(current)
+}
+
+/// Says `launcher PID` on a job's status socket (a later line for the same
+/// job, after a launcher that could not take it, names the one that did).
+fn announce(status: impl AsFd, pid: Pid) {
+    let line = format!("{}\n", Status::Launcher(pid.as_raw()));
+    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+    let _ = rustix::net::send(status, line.as_bytes(), flags);
 }

@@ -345,9 +345,10 @@ impl Supervisor {
     }
 
     fn start_job(&mut self, request: &JobRequest, fds: &[OwnedFd; 3]) {
-        match self.launchers.start(request, fds) {
-            Ok(pid) => send(&fds[0], &Status::Launcher(pid.as_raw())),
-            Err(e) => send(&fds[0], &e),
+        // `launcher PID` is said by `start`, before the launcher can say
+        // anything.
+        if let Err(e) = self.launchers.start(request, fds) {
+            send(&fds[0], &e);
         }
     }
 
