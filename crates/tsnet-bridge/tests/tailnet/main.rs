@@ -81,23 +81,30 @@ impl Net {
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs a test body under the hang guard. A body stuck in a blocking call
-/// never yields to the timer, so a watchdog thread ends the whole test
-/// process 30 s past the limit instead (once, a test here hung for 20
-/// minutes past its guard on a loaded machine).
+/// never yields to the timer, and a body that panicked leaves the runtime
+/// waiting, as it shuts down, for the bridge calls still under way (a
+/// tsnet close that never returns held a loaded machine for 20 minutes):
+/// a watchdog thread ends the whole test process then, 30 s past the limit
+/// or 60 s after the panic, so that a hang is a failure, not a stall.
 async fn guarded<F: Future<Output = ()>>(body: F) {
+    use std::sync::mpsc::RecvTimeoutError;
     let (done, finished) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-            finished.recv_timeout(TEST_LIMIT + Duration::from_secs(30))
-        {
-            eprintln!("a tailnet test hung past its guard, stuck outside the runtime: exiting");
-            std::process::exit(101);
-        }
+        let why = match finished.recv_timeout(TEST_LIMIT + Duration::from_secs(30)) {
+            Ok(()) => return,
+            Err(RecvTimeoutError::Timeout) => "hung past its guard, stuck outside the runtime",
+            Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_secs(60));
+                "panicked, and its runtime still waits for a bridge call 60 s later"
+            }
+        };
+        eprintln!("a tailnet test {why}: exiting");
+        std::process::exit(101);
     });
     tokio::time::timeout(TEST_LIMIT, body)
         .await
         .expect("test did not finish within its hang guard");
-    drop(done);
+    let _ = done.send(());
 }
 
 fn ipv4(node: &Node) -> IpAddr {
