@@ -23,7 +23,7 @@ use super::pattern::ArgPattern;
 
 pub use disk::{
     FileKey, LoadedDir, MAX_TOOL_FILE_BYTES, RawRead, is_tool_file_name, load_dir, load_file,
-    parse_bytes, read_bytes, tool_file_paths, validate_path,
+    parse_bytes, read_bytes, read_bytes_unless, tool_file_paths, validate_path,
 };
 pub(crate) use disk::{directory_problem, duplicate_problem};
 

@@ -15,6 +15,7 @@
 //! changed. The rules are in `registry/state.rs`, the event handling and
 //! pacing in `registry/watch.rs`.
 
+mod scan;
 mod state;
 mod watch;
 

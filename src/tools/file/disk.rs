@@ -91,9 +91,31 @@ pub struct RawRead {
 /// Opening never blocks (a FIFO put in a file's place is refused, not
 /// waited on).
 pub fn read_bytes(path: &Path) -> RawRead {
-    let (mut key, mut torn) = (None, false);
-    let bytes = read_checked(path, &mut key, &mut torn);
-    RawRead { key, torn, bytes }
+    match Opened::open(path) {
+        Ok(opened) => opened.read(),
+        Err(problems) => RawRead::unopened(problems),
+    }
+}
+
+/// [`read_bytes`], unless the file opened is the version `known` (it has
+/// that key): then it is closed unread, and `None` returned. One lookup of
+/// the path where a `stat` first and then [`read_bytes`] would take two.
+pub fn read_bytes_unless(path: &Path, known: Option<FileKey>) -> Option<RawRead> {
+    match Opened::open(path) {
+        Ok(opened) if Some(opened.key) == known => None,
+        Ok(opened) => Some(opened.read()),
+        Err(problems) => Some(RawRead::unopened(problems)),
+    }
+}
+
+impl RawRead {
+    fn unopened(problems: Vec<Problem>) -> RawRead {
+        RawRead {
+            key: None,
+            torn: false,
+            bytes: Err(problems),
+        }
+    }
 }
 
 /// Parses and validates the bytes read from the tool file `path`, in the
@@ -128,40 +150,65 @@ fn file_problem(path: &Path, message: String) -> Vec<Problem> {
     }]
 }
 
-fn read_checked(
-    path: &Path,
-    key: &mut Option<FileKey>,
-    torn: &mut bool,
-) -> Result<Vec<u8>, Vec<Problem>> {
-    let problem = |message: String| file_problem(path, message);
-    if Format::from_path(path).is_none() {
-        return Err(problem(NOT_A_TOOL_FILE.into()));
+/// A tool file opened (a regular file), not yet read.
+struct Opened<'a> {
+    path: &'a Path,
+    file: std::fs::File,
+    key: FileKey,
+    len: u64,
+}
+
+impl<'a> Opened<'a> {
+    fn open(path: &'a Path) -> Result<Opened<'a>, Vec<Problem>> {
+        let problem = |message: String| file_problem(path, message);
+        if Format::from_path(path).is_none() {
+            return Err(problem(NOT_A_TOOL_FILE.into()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|e| problem(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| problem(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(problem("not a regular file".into()));
+        }
+        Ok(Opened {
+            path,
+            file,
+            key: FileKey::of(&meta),
+            len: meta.len(),
+        })
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| problem(e.to_string()))?;
-    let meta = file.metadata().map_err(|e| problem(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(problem("not a regular file".into()));
+
+    fn read(self) -> RawRead {
+        let mut torn = false;
+        let bytes = self.read_checked(&mut torn);
+        RawRead {
+            key: Some(self.key),
+            torn,
+            bytes,
+        }
     }
-    *key = Some(FileKey::of(&meta));
-    if meta.len() > MAX_TOOL_FILE_BYTES {
-        return Err(problem(format!(
-            "{} bytes ({}), over the limit of {MAX_TOOL_FILE_BYTES} bytes (1 MiB) for a tool file; not read",
-            meta.len(),
-            human_size(meta.len())
-        )));
+
+    fn read_checked(&self, torn: &mut bool) -> Result<Vec<u8>, Vec<Problem>> {
+        let problem = |message: String| file_problem(self.path, message);
+        if self.len > MAX_TOOL_FILE_BYTES {
+            return Err(problem(format!(
+                "{} bytes ({}), over the limit of {MAX_TOOL_FILE_BYTES} bytes (1 MiB) for a tool file; not read",
+                self.len,
+                human_size(self.len)
+            )));
+        }
+        let bytes = read_at_most(&self.file, MAX_TOOL_FILE_BYTES, self.len)
+            .map_err(|e| problem(e.to_string()))?;
+        *torn = self.file.metadata().map(|m| FileKey::of(&m)).ok() != Some(self.key);
+        bytes.ok_or_else(|| {
+            problem(format!(
+                "grew past the limit of {MAX_TOOL_FILE_BYTES} bytes (1 MiB) for a tool file while being read; not read"
+            ))
+        })
     }
-    let bytes =
-        read_at_most(&file, MAX_TOOL_FILE_BYTES, meta.len()).map_err(|e| problem(e.to_string()))?;
-    *torn = file.metadata().map(|m| FileKey::of(&m)).ok() != *key;
-    bytes.ok_or_else(|| {
-        problem(format!(
-            "grew past the limit of {MAX_TOOL_FILE_BYTES} bytes (1 MiB) for a tool file while being read; not read"
-        ))
-    })
 }
 
 /// Reads `reader` to its end, or `None` as soon as it holds more than
@@ -320,6 +367,29 @@ mod tests {
         assert_eq!(human_size(5), "5 bytes");
         assert_eq!(human_size(3 << 19), "1.5 MiB");
         assert_eq!(human_size(512 << 20), "512.0 MiB");
+    }
+
+    #[test]
+    fn a_file_is_read_unless_it_is_the_version_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.json");
+        std::fs::write(&path, "{}").unwrap();
+        let key = FileKey::stat(&path);
+        assert!(read_bytes_unless(&path, key).is_none());
+        let read = read_bytes_unless(&path, None).unwrap();
+        assert_eq!((read.key, read.bytes.unwrap()), (key, b"{}".to_vec()));
+        // Written again with as many bytes: another version.
+        std::fs::write(&path, "[]").unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(std::time::UNIX_EPOCH).unwrap();
+        let read = read_bytes_unless(&path, key).unwrap();
+        assert_eq!(read.bytes.unwrap(), b"[]");
+        assert_ne!(read.key, key);
+        // Gone: read, and its problem told.
+        std::fs::remove_file(&path).unwrap();
+        let read = read_bytes_unless(&path, key).unwrap();
+        assert_eq!(read.key, None);
+        assert!(read.bytes.is_err());
     }
 
     #[test]

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Index;
+use super::scan::{Listed, list, map_parallel};
 use crate::tools::ToolLimits;
 use crate::tools::file::{
-    FileKey, Problem, directory_problem, duplicate_problem, parse_bytes, read_bytes,
-    tool_file_paths,
+    FileKey, Problem, RawRead, directory_problem, duplicate_problem, parse_bytes, read_bytes,
+    read_bytes_unless,
 };
 use crate::tools::model::Tool;
 
@@ -99,17 +100,41 @@ struct Pending {
     written: bool,
 }
 
-/// The registry's knowledge of its directory.
+/// Where a tool file that is a symlink leads, as far as changes to the
+/// other entries of the directory are concerned.
+#[derive(Debug)]
+enum Link {
+    /// Through this entry of the directory (`..data`).
+    Through(OsString),
+    /// Anywhere: the target is absolute, or starts with `./` or `../`.
+    Anywhere,
+}
+
+/// What a rescan found of one listed file, before anything is changed.
+#[derive(Debug)]
+struct Probe {
+    /// Where it leads, if it is a symlink.
+    link: Option<Link>,
+    /// Its key (`None`: not a regular file, or gone).
+    key: Option<FileKey>,
+    /// The file read (and whether it changed while it was read), if the
+    /// rescan loads it now.
+    read: Option<(bool, Loaded)>,
+}
+
+/// The registry's knowledge of its directory. Files are known by their
+/// name in the directory (the watcher reports only those directly in it),
+/// which orders them as their paths would and compares fast.
 #[derive(Debug)]
 pub(super) struct DirState {
     dir: PathBuf,
     limits: ToolLimits,
     settle: Duration,
-    files: BTreeMap<PathBuf, Entry>,
-    pending: BTreeMap<PathBuf, Pending>,
+    files: BTreeMap<OsString, Entry>,
+    pending: BTreeMap<OsString, Pending>,
     /// Files written in place in this pass, whose key is taken once at its
     /// end (a large write is many events).
-    touched: BTreeSet<PathBuf>,
+    touched: BTreeSet<OsString>,
     dir_problem: Option<Problem>,
     /// The first components of the targets of the tool files that are
     /// symlinks (`..data` in a ConfigMap mount): the other entries of the
@@ -157,12 +182,12 @@ impl DirState {
     /// Applies one change (a rescan at once: the watcher spaces them out).
     pub(super) fn apply(&mut self, change: Change) {
         match change {
-            Change::Gone(path) => self.remove(&path),
+            Change::Gone(path) => self.remove(name_of(&path)),
             Change::Replaced(path) => {
-                self.note_link(&path);
-                self.replace(&path, false);
+                self.note_link(link_of(&path));
+                self.replace(name_of(&path), false);
             }
-            Change::Written(path, at) => self.written(path, at),
+            Change::Written(path, at) => self.written(name_of(&path).to_os_string(), at),
             Change::Entry(name, kind) => {
                 if self.links_through(&name) {
                     self.rescan(kind);
@@ -177,25 +202,23 @@ impl DirState {
         self.links_anywhere || self.links.contains(name)
     }
 
-    /// Notes what the tool file `path` links through, if it is a symlink.
-    fn note_link(&mut self, path: &Path) {
-        let Ok(target) = std::fs::read_link(path) else {
-            return;
-        };
-        match target.components().next() {
-            Some(Component::Normal(first)) => {
-                self.links.insert(first.to_os_string());
+    /// Notes what a tool file links through, if it is a symlink.
+    fn note_link(&mut self, link: Option<Link>) {
+        match link {
+            Some(Link::Through(first)) => {
+                self.links.insert(first);
             }
-            // Absolute, `./`, `../`: leave the analysis to a rescan.
-            _ => self.links_anywhere = true,
+            Some(Link::Anywhere) => self.links_anywhere = true,
+            None => {}
         }
     }
 
     /// Takes the key of each file written in place since the last call (so
     /// that a file written once more after that is seen to have changed).
     pub(super) fn note_written(&mut self) {
-        for path in std::mem::take(&mut self.touched) {
-            if let Some(p) = self.pending.get_mut(&path) {
+        for name in std::mem::take(&mut self.touched) {
+            let path = self.dir.join(&name);
+            if let Some(p) = self.pending.get_mut(&name) {
                 p.seen = FileKey::stat(&path);
             }
         }
@@ -203,37 +226,56 @@ impl DirState {
 
     /// A file deleted or renamed away: its commands go now, and a write in
     /// progress is forgotten.
-    fn remove(&mut self, path: &Path) {
-        self.pending.remove(path);
-        if self.files.remove(path).is_some() {
+    fn remove(&mut self, name: &OsStr) {
+        self.pending.remove(name);
+        if self.files.remove(name).is_some() {
             self.dirty = true;
         }
     }
 
-    /// A file that arrived whole: read it now. If it changes while it is
-    /// read, it is being written in place after all and waits to settle.
-    fn replace(&mut self, path: &Path, fresh: bool) {
-        let (torn, loaded) = self.read(path, false, fresh);
-        // Gone already, or not a regular file (ignored, as when listing).
-        if loaded.key.is_none() && FileKey::stat(path).is_none() {
-            return self.remove(path);
-        }
-        if torn {
-            self.wait(path.to_path_buf(), FileKey::stat(path), true);
-            return;
-        }
-        self.pending.remove(path);
-        self.install(path, loaded);
+    /// A file that arrived whole: read it now.
+    fn replace(&mut self, name: &OsStr, fresh: bool) {
+        let (torn, loaded) = self.read(name, false, fresh);
+        self.replaced(name, torn, loaded);
     }
 
-    /// Reads `path` (`settled`: once it has settled), reusing the tool in
-    /// force if the bytes are the same, unless `fresh` (an explicit reload
-    /// validates again what depends on more than the bytes, such as the
-    /// users a tool runs as); and whether the file changed while it was
+    /// What a file that arrived whole held when it was read (`torn`: it
+    /// changed while it was read). If it changed, it is being written in
+    /// place after all and waits to settle.
+    fn replaced(&mut self, name: &OsStr, torn: bool, loaded: Loaded) {
+        let path = self.dir.join(name);
+        // Gone already, or not a regular file (ignored, as when listing).
+        if loaded.key.is_none() && FileKey::stat(&path).is_none() {
+            return self.remove(name);
+        }
+        if torn {
+            self.wait(name.to_os_string(), FileKey::stat(&path), true);
+            return;
+        }
+        self.pending.remove(name);
+        self.install(name, loaded);
+    }
+
+    /// Reads the file `name` (`settled`: once it has settled), reusing the
+    /// tool in force if the bytes are the same, unless `fresh` (an explicit
+    /// reload validates again what depends on more than the bytes, such as
+    /// the users a tool runs as); and whether the file changed while it was
     /// read.
-    fn read(&self, path: &Path, settled: bool, fresh: bool) -> (bool, Loaded) {
-        let raw = read_bytes(path);
-        let current = self.files.get(path).map(|e| &e.current).filter(|_| !fresh);
+    fn read(&self, name: &OsStr, settled: bool, fresh: bool) -> (bool, Loaded) {
+        let path = self.dir.join(name);
+        self.loaded(name, &path, read_bytes(&path), settled, fresh)
+    }
+
+    /// [`DirState::read`], of what was read already.
+    fn loaded(
+        &self,
+        name: &OsStr,
+        path: &Path,
+        raw: RawRead,
+        settled: bool,
+        fresh: bool,
+    ) -> (bool, Loaded) {
+        let current = self.files.get(name).map(|e| &e.current).filter(|_| !fresh);
         let (bytes, outcome) = match raw.bytes {
             Ok(bytes) => {
                 let outcome = match current {
@@ -258,8 +300,8 @@ impl DirState {
     /// was read (without settling first) so shortly before that it may
     /// hold part of this write, the one before it comes back (or none, for
     /// a file that had none).
-    fn written(&mut self, path: PathBuf, at: Instant) {
-        if let Some(entry) = self.files.get_mut(&path)
+    fn written(&mut self, name: OsString, at: Instant) {
+        if let Some(entry) = self.files.get_mut(&name)
             && entry.current.distrust_until.is_some_and(|until| at < until)
         {
             match entry.prior.take() {
@@ -271,30 +313,30 @@ impl DirState {
                     };
                 }
                 None => {
-                    self.files.remove(&path);
+                    self.files.remove(&name);
                 }
             }
             self.dirty = true;
         }
-        self.wait(path.clone(), None, true);
-        self.touched.insert(path);
+        self.wait(name.clone(), None, true);
+        self.touched.insert(name);
     }
 
-    fn wait(&mut self, path: PathBuf, seen: Option<FileKey>, written: bool) {
+    fn wait(&mut self, name: OsString, seen: Option<FileKey>, written: bool) {
         let due = Instant::now() + self.settle;
-        let written = written || self.pending.get(&path).is_some_and(|p| p.written);
-        self.pending.insert(path, Pending { due, seen, written });
+        let written = written || self.pending.get(&name).is_some_and(|p| p.written);
+        self.pending.insert(name, Pending { due, seen, written });
     }
 
-    fn install(&mut self, path: &Path, loaded: Loaded) {
-        match self.files.get_mut(path) {
+    fn install(&mut self, name: &OsStr, loaded: Loaded) {
+        match self.files.get_mut(name) {
             Some(entry) => {
                 let previous = std::mem::replace(&mut entry.current, loaded);
                 entry.prior = Some(previous);
             }
             None => {
                 self.files.insert(
-                    path.to_path_buf(),
+                    name.to_os_string(),
                     Entry {
                         current: loaded,
                         prior: None,
@@ -307,9 +349,11 @@ impl DirState {
 
     /// Lists the directory again: files gone are removed, files whose key
     /// changed are loaded or wait, as `kind` says; files seen being written
-    /// in place keep waiting.
+    /// in place keep waiting. The files are looked at (and read, where
+    /// they are loaded) on a few threads at once; what is in force changes
+    /// only after that, in one go.
     pub(super) fn rescan(&mut self, kind: Rescan) {
-        let listed = match tool_file_paths(&self.dir) {
+        let listed = match list(&self.dir) {
             Ok(listed) => {
                 self.set_dir_problem(None);
                 listed
@@ -323,45 +367,102 @@ impl DirState {
                 Vec::new()
             }
         };
+        let probes = map_parallel(&listed, |file| self.probe(file, kind));
         self.links.clear();
         self.links_anywhere = false;
-        for path in &listed {
-            self.note_link(path);
-        }
-        let present: BTreeMap<PathBuf, FileKey> = listed
-            .into_iter()
-            .filter_map(|p| FileKey::stat(&p).map(|k| (p, k)))
-            .collect();
-        let known: Vec<PathBuf> = self
+        let known: Vec<OsString> = self
             .files
             .keys()
             .chain(self.pending.keys())
             .cloned()
             .collect();
-        for path in known {
-            if !present.contains_key(&path) {
-                self.remove(&path);
+        for name in known {
+            let present = listed
+                .binary_search_by(|file| file.name.as_os_str().cmp(&name))
+                .is_ok_and(|i| probes[i].key.is_some());
+            if !present {
+                self.remove(&name);
             }
         }
-        for (path, key) in present {
-            match self.pending.get(&path) {
+        for (file, probe) in listed.into_iter().zip(probes) {
+            self.note_link(probe.link);
+            let Some(key) = probe.key else { continue };
+            match self.pending.get(&file.name) {
                 Some(p) if p.written || kind == Rescan::Uncertain => continue,
                 Some(_) => {
-                    self.pending.remove(&path);
+                    self.pending.remove(&file.name);
                 }
                 None => {}
             }
             let same = self
                 .files
-                .get(&path)
+                .get(&file.name)
                 .is_some_and(|e| e.current.key == Some(key));
-            match kind {
-                Rescan::Forced => self.replace(&path, true),
-                _ if same => {}
-                Rescan::Atomic => self.replace(&path, false),
-                Rescan::Uncertain => self.wait(path, Some(key), false),
+            match probe.read {
+                Some((torn, loaded)) => self.replaced(&file.name, torn, loaded),
+                None if kind == Rescan::Uncertain && !same => {
+                    self.wait(file.name, Some(key), false);
+                }
+                None => {}
             }
         }
+    }
+
+    /// What a rescan of `kind` finds of `file`, changing nothing: its key,
+    /// where it links, and what it holds if it is to be loaded now (the
+    /// rules of [`DirState::rescan`]: every file on an explicit reload, a
+    /// file whose key changed on an atomic rescan, none on an uncertain
+    /// one, never a file waiting to settle after a write in place).
+    fn probe(&self, file: &Listed, kind: Rescan) -> Probe {
+        let name = file.name.as_os_str();
+        let path = self.dir.join(name);
+        let link = if file.symlink { link_of(&path) } else { None };
+        let waits = self
+            .pending
+            .get(name)
+            .is_some_and(|p| p.written || kind == Rescan::Uncertain);
+        let known = self.files.get(name).and_then(|e| e.current.key);
+        let raw = match kind {
+            _ if waits => None,
+            Rescan::Uncertain => None,
+            Rescan::Forced => Some(read_bytes(&path)),
+            // Opened first, and read only if it is another version: one
+            // lookup of the path, not a `stat` and then another.
+            Rescan::Atomic => match read_bytes_unless(&path, known) {
+                None => {
+                    return Probe {
+                        link,
+                        key: known,
+                        read: None,
+                    };
+                }
+                raw => raw,
+            },
+        };
+        let Some(raw) = raw else {
+            let key = FileKey::stat(&path);
+            return Probe {
+                link,
+                key,
+                read: None,
+            };
+        };
+        if let Some(key) = raw.key {
+            let read = self.loaded(name, &path, raw, false, kind == Rescan::Forced);
+            return Probe {
+                link,
+                key: Some(key),
+                read: Some(read),
+            };
+        }
+        // Not opened: a file there that cannot be opened is a problem (if
+        // it changed, or on an explicit reload); nothing there, or not a
+        // regular file, is not a tool file.
+        let key = FileKey::stat(&path);
+        let read = key
+            .filter(|k| kind == Rescan::Forced || known != Some(*k))
+            .map(|_| self.loaded(name, &path, raw, false, kind == Rescan::Forced));
+        Probe { link, key, read }
     }
 
     fn set_dir_problem(&mut self, problem: Option<Problem>) {
@@ -380,30 +481,31 @@ impl DirState {
     /// their last event (same key now, and while being read); a file that
     /// did change waits one more settle period, a file gone is removed.
     pub(super) fn settle_due(&mut self, now: Instant) {
-        let due: Vec<(PathBuf, Pending)> = self
+        let due: Vec<(OsString, Pending)> = self
             .pending
             .iter()
             .filter(|(_, p)| p.due <= now)
-            .map(|(path, p)| (path.clone(), *p))
+            .map(|(name, p)| (name.clone(), *p))
             .collect();
-        for (path, pending) in due {
+        for (name, pending) in due {
+            let path = self.dir.join(&name);
             let Some(key) = FileKey::stat(&path) else {
-                self.remove(&path);
+                self.remove(&name);
                 continue;
             };
             if pending.seen != Some(key) {
-                self.wait(path, Some(key), false);
+                self.wait(name, Some(key), false);
                 continue;
             }
-            let (torn, loaded) = self.read(&path, true, false);
+            let (torn, loaded) = self.read(&name, true, false);
             // Another version than the one that settled: wait for that one.
             // No version at all (it cannot be opened): that is its problem.
             if torn || loaded.key.is_some_and(|k| k != key) {
-                self.wait(path.clone(), FileKey::stat(&path), false);
+                self.wait(name, FileKey::stat(&path), false);
                 continue;
             }
-            self.pending.remove(&path);
-            self.install(&path, loaded);
+            self.pending.remove(&name);
+            self.install(&name, loaded);
         }
     }
 
@@ -413,12 +515,14 @@ impl DirState {
         self.dirty = false;
         let mut tools: BTreeMap<String, Arc<Tool>> = BTreeMap::new();
         let mut problems: Vec<Problem> = self.dir_problem.iter().cloned().collect();
-        for (path, entry) in &self.files {
+        for (name, entry) in &self.files {
             match &entry.current.outcome {
                 Ok(tool) => match tools.get(&tool.name) {
-                    Some(first) => {
-                        problems.push(duplicate_problem(&tool.name, &first.source, path))
-                    }
+                    Some(first) => problems.push(duplicate_problem(
+                        &tool.name,
+                        &first.source,
+                        &self.dir.join(name),
+                    )),
                     None => {
                         tools.insert(tool.name.clone(), tool.clone());
                     }
@@ -428,4 +532,20 @@ impl DirState {
         }
         Index { tools, problems }
     }
+}
+
+/// The name in the directory of the tool file `path` (the watcher reports
+/// only files directly in it).
+fn name_of(path: &Path) -> &OsStr {
+    path.file_name().unwrap_or_default()
+}
+
+/// Where the tool file `path` leads, if it is a symlink.
+fn link_of(path: &Path) -> Option<Link> {
+    let target = std::fs::read_link(path).ok()?;
+    Some(match target.components().next() {
+        Some(Component::Normal(first)) => Link::Through(first.to_os_string()),
+        // Absolute, `./`, `../`: leave the analysis to a rescan.
+        _ => Link::Anywhere,
+    })
 }

@@ -285,6 +285,109 @@ fn same_bytes_are_not_parsed_again_except_on_an_explicit_reload() {
 }
 
 #[test]
+fn a_file_rewritten_under_the_same_inode_is_not_taken_for_the_version_known() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.json");
+    write(dir.path(), "a", &[("c", "v1")]);
+    let mut state = state_of(dir.path());
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    // Rewritten in place with as many bytes, and its time set apart from
+    // the first (a write within the same clock tick could keep it).
+    let rewrite = |program: &str, secs: u64| {
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut &file, tool_json("a", &[("c", program)]).as_bytes())
+            .unwrap();
+        file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+            .unwrap();
+    };
+
+    // Seen being written: an atomic rescan (a `..data` swap elsewhere)
+    // neither loads it early nor drops it; it loads once it has settled.
+    rewrite("v2", 1_000_000);
+    state.apply(Change::Written(path.clone(), Instant::now() + SETTLE));
+    state.note_written();
+    state.rescan(Rescan::Atomic);
+    assert_eq!(program(&mut state, "a").as_deref(), Some("v1"));
+    state.settle_due(later());
+    assert_eq!(program(&mut state, "a").as_deref(), Some("v2"));
+
+    // Not seen (no event, as for a file behind a ConfigMap symlink): its
+    // key changed, so an atomic rescan reads it again, though the inode
+    // and the size are the same.
+    rewrite("v3", 2_000_000);
+    state.rescan(Rescan::Atomic);
+    assert_eq!(program(&mut state, "a").as_deref(), Some("v3"));
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+    assert!(state.index().problems().is_empty());
+}
+
+#[test]
+fn a_swap_of_many_files_keeps_every_rule() {
+    use std::os::unix::fs::symlink;
+    // Enough files that a rescan reads them on several threads.
+    const MANY: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let generation = |k: usize, program: &str| {
+        let data = d.join(format!("..{k}"));
+        std::fs::create_dir(&data).unwrap();
+        for t in 0..MANY {
+            let text = tool_json(&format!("t{t:03}"), &[("c", "same")]);
+            std::fs::write(data.join(format!("t{t:03}.json")), text).unwrap();
+        }
+        std::fs::write(data.join("live.json"), tool_json("live", &[("c", program)])).unwrap();
+        std::fs::write(data.join("bad.json"), "{").unwrap();
+        symlink(format!("..{k}"), d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    };
+    generation(1, "v1");
+    for t in 0..MANY {
+        symlink(
+            format!("..data/t{t:03}.json"),
+            d.join(format!("t{t:03}.json")),
+        )
+        .unwrap();
+    }
+    symlink("..data/live.json", d.join("live.json")).unwrap();
+    symlink("..data/bad.json", d.join("bad.json")).unwrap();
+    write(d, "plain", &[("c", "p1")]);
+    let mut state = state_of(d);
+    let index = state.index();
+    assert_eq!(index.counts().0, MANY + 2);
+    assert_eq!(index.problems().len(), 1, "{:?}", index.problems());
+    let unchanged = index.lookup("t100", "c").unwrap().tool;
+
+    // A plain file seen being written in place, then the swap.
+    write(d, "plain", &[("c", "p2")]);
+    state.apply(Change::Written(
+        d.join("plain.json"),
+        Instant::now() + SETTLE,
+    ));
+    state.note_written();
+    generation(2, "v2");
+    state.apply(Change::Entry("..data".into(), Rescan::Atomic));
+    let index = state.index();
+    assert_eq!(program(&mut state, "live").as_deref(), Some("v2"));
+    assert_eq!(program(&mut state, "plain").as_deref(), Some("p1"));
+    assert_eq!(index.counts().0, MANY + 2);
+    let [problem] = index.problems() else {
+        panic!("{:?}", index.problems())
+    };
+    assert!(problem.file.ends_with("bad.json"), "{problem}");
+    // Read again (a new inode), not parsed again (the same bytes).
+    let again = index.lookup("t100", "c").unwrap().tool;
+    assert!(Arc::ptr_eq(&unchanged, &again));
+    // SIGHUP parses every file, and still leaves the written one waiting.
+    state.rescan(Rescan::Forced);
+    let again = state.index().lookup("t100", "c").unwrap().tool;
+    assert!(!Arc::ptr_eq(&unchanged, &again));
+    assert_eq!(program(&mut state, "plain").as_deref(), Some("p1"));
+    state.settle_due(later());
+    assert_eq!(program(&mut state, "plain").as_deref(), Some("p2"));
+}
+
+#[test]
 fn a_huge_file_is_a_problem_and_the_others_load() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a", &[("c", "v1")]);
