@@ -499,10 +499,16 @@ fn read_key_file(path: &Path) -> Result<Secret, ConfigError> {
     Ok(Secret(key.to_string()))
 }
 
-/// `tailkitd-<os hostname>`, lower-cased, every character outside
-/// `[a-z0-9-]` turned into `-`, runs of `-` collapsed, at most 63 long.
+/// `tailkitd-<os hostname>`, as [`host_label`] makes it.
 pub fn default_hostname(os_hostname: &str) -> String {
-    let mut name = String::from("tailkitd-");
+    host_label("tailkitd-", os_hostname)
+}
+
+/// `<prefix><os hostname>` as one DNS label: lower-cased, every character
+/// outside `[a-z0-9-]` turned into `-`, runs of `-` collapsed, at most 63
+/// long, no trailing `-`.
+pub fn host_label(prefix: &str, os_hostname: &str) -> String {
+    let mut name = String::from(prefix);
     for c in os_hostname.chars().flat_map(char::to_lowercase) {
         let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
             c

@@ -212,22 +212,7 @@ fn read_key(path: &Path) -> Result<String, ReachError> {
 /// The client node's default name: `tkcall-<os hostname>`, one DNS label.
 /// Not `tailkitd-...`: `--all` (and the Go SDK) would take it for a daemon.
 pub fn default_hostname(os_hostname: &str) -> String {
-    let mut name = String::from("tkcall-");
-    for c in os_hostname.chars().flat_map(char::to_lowercase) {
-        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
-            c
-        } else {
-            '-'
-        };
-        if !(c == '-' && name.ends_with('-')) {
-            name.push(c);
-        }
-    }
-    let mut name: String = name.chars().take(63).collect();
-    while name.ends_with('-') {
-        name.pop();
-    }
-    name
+    crate::config::host_label("tkcall-", os_hostname)
 }
 
 async fn join(args: &TailnetArgs, key: String, os_hostname: &str) -> Result<Tailnet, ReachError> {

@@ -88,6 +88,17 @@ static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// or 60 s after the panic, so that a hang is a failure, not a stall.
 async fn guarded<F: Future<Output = ()>>(body: F) {
     use std::sync::mpsc::RecvTimeoutError;
+    // The harness prints a test's panic only once the test ends, which a
+    // hung one never does: print it at once, past the harness's capture.
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let harness = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "tailnet test panic: {info}");
+            harness(info);
+        }));
+    });
     let (done, finished) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         let why = match finished.recv_timeout(TEST_LIMIT + Duration::from_secs(30)) {
@@ -98,7 +109,10 @@ async fn guarded<F: Future<Output = ()>>(body: F) {
                 "panicked, and its runtime still waits for a bridge call 60 s later"
             }
         };
-        eprintln!("a tailnet test {why}: exiting");
+        // Not eprintln!: the test harness captures that, and this process
+        // ends before the harness prints anything.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "a tailnet test {why}: exiting");
         std::process::exit(101);
     });
     tokio::time::timeout(TEST_LIMIT, body)
