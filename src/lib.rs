@@ -5,8 +5,9 @@
 //! # Layout
 //!
 //! The tailnet itself lives in the `tsnet-bridge` crate (the only crate
-//! with `unsafe`), the per-job supervisor's protocol in `tailkitd-launch`
-//! (a crate without Go). This crate forbids `unsafe`; data flows one way:
+//! with FFI), the per-job supervisor's protocol in `tailkitd-launch`
+//! (a crate without Go). This crate forbids unchecked code (the attribute
+//! below); data flows one way:
 //! [`server`] → [`api`] → [`run`] → [`tools`], with [`identity`] and
 //! [`audit`] used along the way.
 //!

@@ -123,7 +123,7 @@ fn pool_size() -> usize {
 }
 
 /// Starts jobs through a small pool of supervisor processes: the first
-/// started with the first job, more (up to [`pool_size`]) in the
+/// started with the first job, more (up to one per CPU, 2 to 4) in the
 /// background while every one already holds jobs. Each job goes to the
 /// supervisor with the fewest jobs.
 #[derive(Debug)]
@@ -147,7 +147,7 @@ struct Pool {
 pub struct Instance {
     pid: Pid,
     /// The control socket (`SOCK_SEQPACKET`). tokio has no type for one
-    /// and its `AsyncFd` cannot be made without `unsafe`; a
+    /// and its `AsyncFd` needs a raw-descriptor type of our own; a
     /// `UnixDatagram` over it carries the readiness (it only wraps the
     /// descriptor), and the messages go through rustix.
     control: UnixDatagram,
