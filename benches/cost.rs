@@ -32,10 +32,8 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use tailkitd::demo::Client;
 use tailkitd::run::runner::{RunEnd, RunSpec, RunnerSettings};
 use tailkitd::run::{CgroupSetting, ExecSettings, Runner};
-use tsnet_bridge::Localnet;
 
 const HOST: &str = "tkd-cost";
 const CAP: &str = "example.com/cap/x";
@@ -265,11 +263,7 @@ async fn runner_layer(name: &str, cgroup: CgroupSetting, n: usize, floor16: f64)
 
 async fn end_to_end(n: usize, floor1: Duration, floor16: f64) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let localnet = Localnet::start().await.expect("local tailnet");
-    let alice = Client::join(&localnet, "alice", dir.path())
-        .await
-        .expect("client node");
-    localnet.grant(&alice.ips, CAP).await.expect("grant");
+    let (localnet, alice) = common::tailnet_with_alice(dir.path(), CAP).await;
     let tools = common::write_tools(dir.path(), "t.json", TOOL);
     let cgroup = std::env::var("COST_CGROUP").unwrap_or_else(|_| "auto".into());
     let bin =

@@ -15,8 +15,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tailkitd::client::{self, Call};
-use tailkitd::demo::Client;
-use tsnet_bridge::Localnet;
 
 const HOST: &str = "tkd-bench";
 const CAP: &str = "example.com/cap/x";
@@ -32,11 +30,7 @@ fn main() {
 
 async fn run() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let localnet = Localnet::start().await.expect("local tailnet");
-    let alice = Client::join(&localnet, "alice", dir.path())
-        .await
-        .expect("client node");
-    localnet.grant(&alice.ips, CAP).await.expect("grant");
+    let (localnet, alice) = common::tailnet_with_alice(dir.path(), CAP).await;
 
     let tools = common::write_tools(dir.path(), "t.json", TOOL);
     let daemon = common::Daemon::start(

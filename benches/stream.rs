@@ -23,7 +23,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tailkitd::client::{self, Call, Opened};
 use tailkitd::demo::Client;
-use tsnet_bridge::{Localnet, Node};
+use tsnet_bridge::Node;
 
 const HOST: &str = "tkd-stream";
 const CAP: &str = "example.com/cap/x";
@@ -47,11 +47,7 @@ fn main() {
 
 async fn run() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let localnet = Localnet::start().await.expect("local tailnet");
-    let alice = Client::join(&localnet, "alice", dir.path())
-        .await
-        .expect("client node");
-    localnet.grant(&alice.ips, CAP).await.expect("grant");
+    let (localnet, alice) = common::tailnet_with_alice(dir.path(), CAP).await;
 
     let tools = common::write_tools(dir.path(), "s.json", TOOL);
     let daemon = common::Daemon::start(

@@ -24,6 +24,17 @@ pub fn block_on(body: impl Future<Output = ()>) {
         .block_on(body);
 }
 
+/// The local tailnet with one client node, alice, granted `cap` toward
+/// every node; her state goes in `dir`.
+pub async fn tailnet_with_alice(dir: &Path, cap: &str) -> (Localnet, Client) {
+    let localnet = Localnet::start().await.expect("local tailnet");
+    let alice = Client::join(&localnet, "alice", dir)
+        .await
+        .expect("client node");
+    localnet.grant(&alice.ips, cap).await.expect("grant");
+    (localnet, alice)
+}
+
 /// Writes `json` as the one tool file `name` of a new `dir/tools`; returns
 /// that directory.
 pub fn write_tools(dir: &Path, name: &str, json: &str) -> PathBuf {
